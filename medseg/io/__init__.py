@@ -1,0 +1,124 @@
+"""Read and write volumes: NIfTI, DICOM, NRRD/MHA (SimpleITK), 2D images.
+
+``read_volume`` dispatches on the suffix, or on a directory (a DICOM folder), and returns a
+``Volume`` in RAS+ with its array ``(C, I, J, K)``. Every format-specific reader converts its
+native convention (LPS, row/column order) once, here, never later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import ReadError, WriteError
+from medseg.volume import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE2D_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".bmp")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def volume_format(path: str | os.PathLike[str]) -> str:
+    """``"nifti" | "dicom" | "itk" | "image2d"`` for a path, by suffix or directory."""
+    p = Path(path)
+    name = p.name.lower()
+    if p.is_dir():
+        return "dicom"
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(ITK_SUFFIXES):
+        return "itk"
+    if name.endswith(IMAGE2D_SUFFIXES):
+        return "image2d"
+    if name.endswith(DICOM_SUFFIXES) or "." not in name:
+        return "dicom"
+    raise ReadError(
+        f"{p}: unknown file type; medseg reads .nii/.nii.gz, DICOM (folder or file), "
+        f".nrrd/.nhdr/.mha/.mhd and .png/.tif/.gif/.jpg images"
+    )
+
+
+def read_volume(
+    path: str | os.PathLike[str],
+    *,
+    series: str | int | None = None,
+    label: bool = False,
+    **options: Any,
+) -> Volume:
+    """Read a scan or label map into a RAS+ ``Volume``.
+
+    ``series`` picks one series of a DICOM folder (SeriesInstanceUID or index as listed by
+    ``medseg inspect``). ``label=True`` requires integer values and returns an integer
+    ``Volume`` with ``is_label=True``. Further ``options`` go to the format's reader (DICOM:
+    ``allow_nonuniform``, ``correct_tilt``).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ReadError(f"{p}: no such file or folder")
+    fmt = volume_format(p)
+    if fmt == "nifti":
+        from medseg.io import nifti
+
+        vol = nifti.read(p)
+    elif fmt == "itk":
+        from medseg.io import itk
+
+        vol = itk.read(p)
+    elif fmt == "image2d":
+        from medseg.io import image2d
+
+        vol = image2d.read(p)
+    else:
+        from medseg.io import dicom
+
+        vol = dicom.read(p, series=series, **options)
+    if fmt != "dicom" and (series is not None or options):
+        raise ReadError(f"{p}: options {['series', *options]} apply to DICOM input only")
+    return as_label(vol, str(p)) if label else vol
+
+
+def as_label(vol: Volume, source: str) -> Volume:
+    """The same volume with integer values checked and stored in the smallest fitting dtype."""
+    import numpy as np
+
+    a = vol.array
+    if not np.issubdtype(a.dtype, np.integer):
+        if not np.all(np.isfinite(a)):
+            raise ReadError(f"{source}: label map contains NaN or infinite values")
+        if not np.array_equal(a, np.round(a)):
+            raise ReadError(f"{source}: label map has non-integer values; is this an image?")
+    if a.shape[0] != 1:
+        raise ReadError(f"{source}: label map has {a.shape[0]} channels, expected 1")
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    dtype = next(
+        (
+            t
+            for t in (np.uint8, np.uint16, np.int16, np.int32)
+            if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max
+        ),
+        np.int64,
+    )
+    meta = dict(vol.meta)
+    return Volume(a.astype(dtype, copy=False), vol.grid, True, meta)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike[str]) -> None:
+    """Write ``volume`` atomically; format from the suffix (.nii/.nii.gz, .nrrd/.mha, .png)."""
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        from medseg.io import nifti
+
+        nifti.write(volume, p)
+    elif name.endswith(ITK_SUFFIXES):
+        from medseg.io import itk
+
+        itk.write(volume, p)
+    elif name.endswith(IMAGE2D_SUFFIXES):
+        from medseg.io import image2d
+
+        image2d.write(volume, p)
+    else:
+        raise WriteError(f"{p}: cannot write this suffix; use .nii.gz, .nrrd, .mha or .png")

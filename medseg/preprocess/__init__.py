@@ -1,0 +1,1 @@
+"""Preprocessing: fingerprint, plan, resampling, normalisation, cropping, cache."""

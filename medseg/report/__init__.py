@@ -1,0 +1,1 @@
+"""Evaluate a cohort and write metrics.csv, summary.json and report.html."""

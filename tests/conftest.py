@@ -1,0 +1,41 @@
+"""Shared fixtures: synthetic scans and the location of the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.volume import Grid, Volume
+
+DATA = Path(os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real public data in ``../shared/data``; tests that need it skip without it."""
+    if not DATA.is_dir():
+        pytest.skip(f"real data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def oblique_grid() -> Grid:
+    """A 3D grid with anisotropic spacing and an oblique, LPS-like direction."""
+    t = np.deg2rad(17.0)
+    rot = np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
+    direction = rot @ np.diag([-1.0, -1.0, 1.0])
+    return Grid.from_spacing((23, 31, 11), (0.8, 0.7, 2.5), (12.0, -40.0, 7.5), direction)
+
+
+@pytest.fixture
+def image_volume(oblique_grid: Grid, rng: np.random.Generator) -> Volume:
+    arr = rng.normal(100.0, 20.0, size=(1, *oblique_grid.shape)).astype(np.float32)
+    return Volume(arr, oblique_grid, meta={"source": "synthetic"})
