@@ -36,20 +36,19 @@ def _as_affine(affine: Any) -> np.ndarray:
 def axis_codes(affine: np.ndarray) -> tuple[str, str, str]:
     """Closest orientation codes (e.g. ``("L","P","S")``) of a 4x4 affine's voxel axes.
 
-    Each voxel axis is assigned the world axis its direction is most aligned with, strongest
-    alignment first so that every world axis is used once (as nibabel's ``io_orientation``).
+    Same rule as nibabel's ``io_orientation``: the column directions are first made
+    orthogonal (polar part of their SVD), then voxel axis 0, 1, 2 in turn takes the world axis
+    it is most aligned with among those still free.
     """
-    direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    weights = np.abs(direction)
-    codes: list[str] = ["", "", ""]
-    free_world, free_voxel = {0, 1, 2}, {0, 1, 2}
-    for _ in range(3):
-        w, v = max(
-            ((w, v) for w in free_world for v in free_voxel), key=lambda wv: weights[wv[0], wv[1]]
-        )
-        codes[v] = _POS[w] if direction[w, v] >= 0 else _NEG[w]
-        free_world.discard(w)
-        free_voxel.discard(v)
+    rs = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    u, _, vt = np.linalg.svd(rs)
+    r = u @ vt
+    codes: list[str] = []
+    for v in range(3):
+        col = r[:, v]
+        w = int(np.argmax(np.abs(col)))
+        codes.append(_POS[w] if col[w] >= 0 else _NEG[w])
+        r[w, :] = 0.0
     return (codes[0], codes[1], codes[2])
 
 

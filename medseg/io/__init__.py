@@ -59,19 +59,19 @@ def read_volume(
         raise ReadError(f"{p}: no such file or folder")
     fmt = volume_format(p)
     if fmt == "nifti":
-        from medseg.io import nifti
+        import medseg.io.nifti as nifti
 
         vol = nifti.read(p)
     elif fmt == "itk":
-        from medseg.io import itk
+        import medseg.io.itk as itk
 
         vol = itk.read(p)
     elif fmt == "image2d":
-        from medseg.io import image2d
+        import medseg.io.image2d as image2d
 
         vol = image2d.read(p)
     else:
-        from medseg.io import dicom
+        import medseg.io.dicom as dicom
 
         vol = dicom.read(p, series=series, **options)
     if fmt != "dicom" and (series is not None or options):
@@ -109,15 +109,15 @@ def write_volume(volume: Volume, path: str | os.PathLike[str]) -> None:
     p = Path(path)
     name = p.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
-        from medseg.io import nifti
+        import medseg.io.nifti as nifti
 
         nifti.write(volume, p)
     elif name.endswith(ITK_SUFFIXES):
-        from medseg.io import itk
+        import medseg.io.itk as itk
 
         itk.write(volume, p)
     elif name.endswith(IMAGE2D_SUFFIXES):
-        from medseg.io import image2d
+        import medseg.io.image2d as image2d
 
         image2d.write(volume, p)
     else:
