@@ -37,17 +37,17 @@ def axis_codes(affine: np.ndarray) -> tuple[str, str, str]:
     """Closest orientation codes (e.g. ``("L","P","S")``) of a 4x4 affine's voxel axes.
 
     Same rule as nibabel's ``io_orientation``: the column directions are first made
-    orthogonal (polar part of their SVD), then voxel axis 0, 1, 2 in turn takes the world axis
-    it is most aligned with among those still free.
+    orthogonal (polar part of their SVD), then the voxel axes, most decisive first, each take
+    the world axis they are most aligned with among those still free.
     """
     rs = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     u, _, vt = np.linalg.svd(rs)
     r = u @ vt
-    codes: list[str] = []
-    for v in range(3):
+    codes = ["", "", ""]
+    for v in np.argsort(-np.max(r**2, axis=0), kind="stable"):
         col = r[:, v]
         w = int(np.argmax(np.abs(col)))
-        codes.append(_POS[w] if col[w] >= 0 else _NEG[w])
+        codes[v] = _POS[w] if col[w] >= 0 else _NEG[w]
         r[w, :] = 0.0
     return (codes[0], codes[1], codes[2])
 
