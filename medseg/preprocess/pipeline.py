@@ -1,0 +1,232 @@
+"""The one preprocessing function shared by ``preprocess``, training and ``infer``.
+
+``preprocess_case`` takes a case's channel volumes (and label) on the scan's own grid and
+returns them on the plan's grid: reoriented (exact axis permutation and flips), cropped to the
+non-zero box, normalised per channel, resampled to the target spacing. ``CaseRecord`` keeps the
+grids, crop box and normalisation, so ``restore_labels`` / ``restore_probabilities`` put a
+prediction back on the scan's own grid with one resample through world coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import GeometryError, ReadError
+from medseg.preprocess.fingerprint import (
+    GRID_ATOL_MM,
+    box_of,
+    foreground_mask,
+    stack_channels,
+)
+from medseg.preprocess.normalise import normalise
+from medseg.preprocess.plan import Plan
+from medseg.preprocess.resample import axis_map, resample_array
+from medseg.volume import Box, Grid, Volume, reorient_array
+
+#: Image interpolation order in-plane, and along an axis this many times coarser than the
+#: finest (through-plane of anisotropic scans, where cubic overshoots between distant slices).
+IMAGE_ORDER = 3
+THROUGH_PLANE_ORDER = 1
+ANISOTROPY_RATIO = 3.0
+#: Labels: nearest neighbour (see ``medseg.preprocess.resample`` for why not one-hot linear).
+LABEL_ORDER = 0
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """How a case went from its own grid to the plan's grid (JSON-able).
+
+    ``original_grid``: the scan's grid; ``orientation``: codes applied (None = kept);
+    ``crop_box``: voxel box in the reoriented grid; ``cropped_grid``: the reoriented, cropped
+    grid; ``grid``: the preprocessed grid; ``normalisation``: one dict per channel with the
+    method and the mean/std/clip applied; ``sources``: input files.
+    """
+
+    original_grid: Grid
+    orientation: tuple[str, str, str] | None
+    crop_box: Box
+    cropped_grid: Grid
+    grid: Grid
+    normalisation: list[dict[str, Any]]
+    sources: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "original_grid": self.original_grid.to_json(),
+            "orientation": None if self.orientation is None else list(self.orientation),
+            "crop_box": [list(self.crop_box.start), list(self.crop_box.stop)],
+            "cropped_grid": self.cropped_grid.to_json(),
+            "grid": self.grid.to_json(),
+            "normalisation": self.normalisation,
+            "sources": self.sources,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CaseRecord:
+        o = d.get("orientation")
+        return cls(
+            original_grid=Grid.from_json(d["original_grid"]),
+            orientation=None if o is None else (o[0], o[1], o[2]),
+            crop_box=Box(tuple(d["crop_box"][0]), tuple(d["crop_box"][1])),
+            cropped_grid=Grid.from_json(d["cropped_grid"]),
+            grid=Grid.from_json(d["grid"]),
+            normalisation=list(d["normalisation"]),
+            sources=list(d.get("sources", [])),
+        )
+
+
+@dataclass
+class PreparedCase:
+    """A case on the plan's grid: float32 image ``(C,I,J,K)``, int16 classes (-1 = ignore)."""
+
+    image: Volume
+    label: Volume | None
+    record: CaseRecord
+
+
+def _source(v: Volume, default: str) -> str:
+    return str(v.meta.get("source") or v.meta.get("path") or default)
+
+
+def image_orders(spacing: tuple[float, ...]) -> tuple[int, int, int]:
+    """Cubic on every axis, linear along an axis ``ANISOTROPY_RATIO`` times coarser."""
+    finest = min(s for s in spacing)
+    return tuple(  # type: ignore[return-value]
+        THROUGH_PLANE_ORDER if s > ANISOTROPY_RATIO * finest else IMAGE_ORDER for s in spacing
+    )
+
+
+def _reorient(arr: np.ndarray, grid: Grid, codes: tuple[str, str, str] | None):
+    if codes is None:
+        return arr, grid
+    new, perm, flips = grid.reoriented(codes)
+    return np.ascontiguousarray(reorient_array(arr, perm, flips)), new
+
+
+def preprocess_case(
+    images: list[Volume],
+    plan: Plan,
+    label: Volume | None = None,
+    *,
+    threads: int | None = None,
+) -> PreparedCase:
+    """Bring one case onto the plan's grid (see module docstring).
+
+    ``images``: one volume per file, channels concatenated in order must match the plan's.
+    Raises ``ReadError`` for NaN voxels, ``GeometryError`` for grids that differ, ``PlanError``
+    for undeclared label values; each message names the file.
+    """
+    sources = [_source(v, f"image {i}") for i, v in enumerate(images)]
+    arr, grid = stack_channels(images, sources[0] if sources else "case")
+    if arr.shape[0] != plan.in_channels:
+        raise GeometryError(
+            f"{', '.join(sources)}: {arr.shape[0]} channels, but the plan expects "
+            f"{plan.in_channels} ({', '.join(c.name for c in plan.channels)}); give one file "
+            "per channel in this order"
+        )
+    ch_source = [s for v, s in zip(images, sources, strict=True) for _ in range(v.channels)]
+    for c in range(arr.shape[0]):
+        bad = int(np.count_nonzero(~np.isfinite(arr[c])))
+        if bad:
+            raise ReadError(
+                f"{ch_source[c]}: channel {plan.channels[c].name} has {bad} NaN or infinite "
+                "voxels; fix or mask the scan before preprocessing"
+            )
+    classes = None
+    if label is not None:
+        lsrc = _source(label, "label")
+        grid.check_same(label.grid, GRID_ATOL_MM, f"{lsrc} vs {sources[0]}")
+        if label.array.shape[0] != 1:
+            raise GeometryError(f"{lsrc}: label has {label.array.shape[0]} channels, expected 1")
+        classes = plan.labels_to_classes(label.array, source=lsrc)
+
+    arr, rgrid = _reorient(arr, grid, plan.orientation)
+    if classes is not None:
+        classes, _ = _reorient(classes, grid, plan.orientation)
+    # The mask comes from the whole scan: its corners tell the background value.
+    mask = foreground_mask(arr)
+    box = box_of(mask) if plan.crop_to_nonzero else Box.from_shape(rgrid.shape)
+    cgrid = rgrid.crop(box)
+    arr = arr[(slice(None), *box.slices())]
+    nonzero = mask[box.slices()]
+    normed, records = [], []
+    for c, ch in enumerate(plan.channels):
+        a, rec = normalise(arr[c], ch, nonzero=nonzero)
+        normed.append(a)
+        records.append(rec)
+    arr = np.stack(normed)
+    target = cgrid if plan.target_spacing is None else cgrid.with_spacing(plan.target_spacing)
+    arr = resample_array(arr, cgrid, target, order=image_orders(cgrid.spacing), threads=threads)
+    lab_vol = None
+    if classes is not None:
+        classes = classes[(slice(None), *box.slices())]
+        classes = resample_array(
+            classes, cgrid, target, order=LABEL_ORDER, label=True, threads=threads
+        )
+        lab_vol = Volume(classes.astype(np.int16), target, True, {"source": lsrc})
+    record = CaseRecord(grid, plan.orientation, box, cgrid, target, records, sources)
+    image = Volume(arr.astype(np.float32, copy=False), target, False, {"sources": sources})
+    return PreparedCase(image, lab_vol, record)
+
+
+def prepare_instances(instances: Volume, record: CaseRecord) -> np.ndarray:
+    """An instance-id map on the scan's grid -> ``(I, J, K)`` on the preprocessed grid.
+
+    Same reorientation and crop as ``preprocess_case``; nearest neighbour so ids stay ids.
+    """
+    arr, _ = _reorient(instances.array, record.original_grid, record.orientation)
+    arr = arr[(slice(None), *record.crop_box.slices())]
+    return resample_array(arr, record.cropped_grid, record.grid, order=0, label=True)[0]
+
+
+def _inside_crop(record: CaseRecord) -> np.ndarray:
+    """Boolean ``(I, J, K)`` on the original grid: voxels inside the cropped region."""
+    target = record.original_grid
+    amap = axis_map(record.cropped_grid, target)
+    if amap is None:  # pragma: no cover - crops are axis-aligned by construction
+        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in target.shape], indexing="ij"), -1)
+        c = record.cropped_grid.index(target.world(ijk))
+        n = np.asarray(record.cropped_grid.shape)
+        return np.all((c > -0.5 - 1e-4) & (c < n - 0.5 + 1e-4), axis=-1)
+    masks = []
+    for t in range(3):
+        size = record.cropped_grid.shape[amap.perm[t]]
+        x = amap.coords(t, target.shape[t])
+        masks.append((x > -0.5 - 1e-4) & (x < size - 0.5 + 1e-4))
+    return masks[0][:, None, None] & masks[1][None, :, None] & masks[2][None, None, :]
+
+
+def _as3d(a: np.ndarray, grid: Grid, what: str) -> np.ndarray:
+    if a.shape[-3:] == grid.shape:
+        return a
+    if a.shape[-2:] == grid.shape[:2] and grid.shape[2] == 1:
+        return a[..., None]
+    raise GeometryError(f"{what} shape {a.shape} does not match the preprocessed grid {grid.shape}")
+
+
+def restore_labels(classes: np.ndarray, record: CaseRecord) -> np.ndarray:
+    """Class indices on the preprocessed grid -> ``(I, J, K)`` on the scan's own grid.
+
+    One nearest-neighbour resample through world coordinates; outside the crop is class 0.
+    A 2D ``(I, J)`` input gives ``(I, J, 1)``.
+    """
+    c = _as3d(np.asarray(classes), record.grid, "classes")
+    out = resample_array(c[None], record.grid, record.original_grid, order=0, label=True)[0]
+    out[~_inside_crop(record)] = 0
+    return out
+
+
+def restore_probabilities(probs: np.ndarray, record: CaseRecord) -> np.ndarray:
+    """``(C, I, J, K)`` probabilities on the preprocessed grid -> the scan's own grid (linear).
+
+    Outside the crop the background (channel 0) has probability 1.
+    """
+    p = _as3d(np.asarray(probs, dtype=np.float32), record.grid, "probabilities")
+    out = resample_array(p, record.grid, record.original_grid, order=1)
+    outside = ~_inside_crop(record)
+    out[:, outside] = 0.0
+    out[0, outside] = 1.0
+    return out

@@ -1,0 +1,222 @@
+"""The real-data pipelines in ``pipelines/`` load, plan and configure training; the accuracy
+benchmark's scores follow their definitions. No training here (that is the benchmark's job).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from medseg.config import Pipeline, load_pipeline
+from medseg.preprocess.fingerprint import CaseFingerprint, ChannelStats, Fingerprint
+from medseg.preprocess.plan import Plan, make_plan
+from medseg.volume import Box, Grid
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = ("isbi2012", "drive", "brats2013")
+
+#: Geometry of the real cases (data README): shape (I, J, K) and affine, per data set.
+_GEOMETRY = {
+    "isbi2012": ((512, 512, 1), np.diag([-1.0, -1.0, 1.0, 1.0])),
+    "drive": ((565, 584, 1), np.diag([-1.0, -1.0, 1.0, 1.0])),
+    "brats2013": (
+        (240, 240, 155),
+        np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]),
+    ),
+}
+
+
+def _pipeline(name: str) -> Pipeline:
+    return load_pipeline(REPO / "pipelines" / f"{name}.toml")
+
+
+def _fingerprint(name: str, pipe: Pipeline, data_root: Path) -> Fingerprint:
+    """A fingerprint with the data set's real geometry, channels and labels (no pixels read)."""
+    from medseg.manifest import load_manifest
+
+    assert pipe.manifest is not None
+    m = load_manifest(REPO / pipe.manifest, data_root)
+    shape, affine = _GEOMETRY[name]
+    labels = m.labels or {0: "background", 1: "foreground"}
+    cases = [
+        CaseFingerprint(
+            c.case_id,
+            Grid(shape, affine),
+            len(m.channels),
+            Box((0, 0, 0), shape),
+            {v: 100 for v in labels},
+        )
+        for c in m.cases
+    ]
+    stats = [ChannelStats(ch, 0.0, 1.0, -3.0, 3.0, -4.0, 4.0, 100) for ch in m.channels]
+    return Fingerprint(m.name, list(m.channels), m.modalities, labels, m.regions, cases, stats)
+
+
+def _plan(name: str, data_root: Path) -> Plan:
+    pipe = _pipeline(name)
+    return make_plan(_fingerprint(name, pipe, data_root), pipe.plan, source=f"{name} [plan]")
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_pipeline_manifest_exists_and_has_train_and_val_split(name: str, data_root: Path) -> None:
+    from medseg.manifest import load_manifest
+
+    pipe = _pipeline(name)
+    assert pipe.name == name
+    assert pipe.manifest is not None and pipe.prep_dir is not None
+    m = load_manifest(REPO / pipe.manifest, data_root)
+    splits = {c.split for c in m.cases}
+    assert {"train", "val"} <= splits
+    assert all(c.label is not None and Path(c.label).is_file() for c in m.cases)
+    assert all(Path(p).is_file() for c in m.cases for p in c.images)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_pipeline_plan_keys_accepted_and_network_consistent(name: str, data_root: Path) -> None:
+    from medseg.model import UNet, shapes
+
+    plan = _plan(name, data_root)
+    d, n = plan.network["depth"], plan.network["convs_per_level"]
+    assert plan.margin == (shapes.margin(d, n),) * plan.spatial_dims
+    for size in (*plan.patch_output_size, *plan.tile_output_size):
+        assert shapes.is_valid_output(size, d, n)
+    model = UNet(**plan.network)
+    assert model.margin == plan.margin[0]
+    # the plan survives its own JSON round trip (what preprocess writes and infer reads)
+    assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
+
+
+def test_isbi_plan_keeps_the_label_polarity(data_root: Path) -> None:
+    """File value 0 is membrane (class 0, separating objects), 255 the cell interior."""
+    plan = _plan("isbi2012", data_root)
+    assert plan.spatial_dims == 2
+    assert plan.label_values == [0, 255]
+    assert plan.class_names == ["membrane", "cell"]
+    labels = np.array([[0, 255], [255, 0]])
+    assert np.array_equal(plan.classes_to_labels(plan.labels_to_classes(labels)), labels)
+
+
+def test_drive_plan_is_2d_rgb(data_root: Path) -> None:
+    plan = _plan("drive", data_root)
+    assert plan.spatial_dims == 2 and plan.in_channels == 3
+    assert plan.label_values == [0, 255]
+
+
+def test_brats_plan_is_3d_unnormalised_with_bratS_regions(data_root: Path) -> None:
+    plan = _plan("brats2013", data_root)
+    assert plan.spatial_dims == 3 and plan.in_channels == 2
+    assert [c.normalisation for c in plan.channels] == ["none", "none"]
+    assert plan.label_values == [0, 1, 2, 3, 4]
+    assert plan.regions == {"whole": [1, 2, 3, 4], "core": [1, 3, 4], "enhancing": [4]}
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_pipeline_train_preprocess_and_infer_sections_accepted(name: str) -> None:
+    from medseg.augment import AugmentConfig
+    from medseg.infer import _flip_sets
+    from medseg.losses import SegmentationLoss
+    from medseg.preprocess.cohort import Options
+    from medseg.train import TrainConfig
+
+    pipe = _pipeline(name)
+    cfg = TrainConfig.from_dict(pipe.train)
+    AugmentConfig.from_dict(cfg.augment)
+    opts = Options.from_dict(pipe.preprocess)
+    loss = SegmentationLoss(cfg.loss)
+    # a loss on border weight maps needs preprocessing to write them
+    assert not loss.needs_weights or opts.border_weights is not None
+    # finishes within the 30-minute CPU budget of issue 9
+    assert cfg.time_budget_minutes is not None and cfg.time_budget_minutes <= 30
+    dims = 3 if name == "brats2013" else 2
+    assert _flip_sets(pipe.infer.get("tta", "none"), dims)  # a value `medseg infer` accepts
+    assert set(pipe.infer) <= {"tta"}
+
+
+def test_isbi_pipeline_uses_the_unet_paper_ingredients() -> None:
+    pipe = _pipeline("isbi2012")
+    bw = pipe.preprocess["border_weights"]
+    assert (bw["w0"], bw["sigma"], bw["instances"]) == (10.0, 5.0, "components")
+    assert pipe.train["loss"] in ("weighted_ce", "dice_weighted_ce")
+    assert pipe.train["augment"]["p_elastic"] > 0
+    assert pipe.infer["tta"] == "flip"
+
+
+# -- the accuracy benchmark's scores --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    path = REPO / "benchmarks" / "bench_accuracy.py"
+    spec = importlib.util.spec_from_file_location("bench_accuracy", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_accuracy"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _two_cells() -> np.ndarray:
+    """0 = membrane frame and a vertical membrane between two cells of value 255."""
+    ref = np.zeros((12, 12), dtype=np.uint8)
+    ref[1:11, 1:5] = 255
+    ref[1:11, 6:11] = 255
+    return ref
+
+
+def test_isbi_score_perfect_is_zero_and_merge_is_penalised(bench: ModuleType) -> None:
+    ref = _two_cells()
+    assert bench.isbi_slice_error(ref, ref.copy()) == pytest.approx(0.0)
+    merged = ref.copy()
+    merged[1:11, 5] = 255  # the membrane between the cells is missed
+    err = bench.isbi_slice_error(ref, merged)
+    # two equal-sized cells merged into one: precision 1/2 (skimage's definition), recall 1
+    # -> error 1 - 2 * 0.5 * 1 / 1.5 = 1/3, up to the unequal sizes and the extra 10 pixels
+    assert 0.25 < err < 0.4
+
+
+def test_isbi_score_uses_4_connectivity(bench: ModuleType) -> None:
+    """Cells touching only at a corner are two segments (a diagonal membrane separates them)."""
+    ref = np.zeros((6, 6), dtype=np.uint8)
+    ref[0:3, 0:3] = 255
+    ref[3:6, 3:6] = 255
+    one = ref.copy()
+    one[2, 3] = 255  # now 4-connected: one segment
+    assert bench.isbi_slice_error(ref, ref) == pytest.approx(0.0)
+    assert bench.isbi_slice_error(ref, one) > 0.2
+
+
+def test_isbi_polarity_inverted_prediction_scores_badly(bench: ModuleType) -> None:
+    ref = _two_cells()
+    assert bench.isbi_slice_error(ref, 255 - ref) > 0.3
+
+
+def test_drive_f1_counts_only_inside_the_fov(bench: ModuleType) -> None:
+    ref = np.zeros((4, 4), dtype=np.uint8)
+    ref[0, :] = 255
+    pred = np.zeros_like(ref)
+    pred[0, :2] = 255  # TP 2, FN 2
+    pred[3, 3] = 255  # FP outside the FOV: ignored
+    pred[2, 2] = 255  # FP inside
+    fov = np.full_like(ref, 255)
+    fov[3, 3] = 0
+    assert bench.drive_counts(ref, pred, fov) == (2, 1, 2)
+    s = bench.score_dataset(
+        "drive", {"a": ref, "b": ref}, {"a": pred, "b": ref}, {"a": fov, "b": fov}
+    )
+    # pooled: TP 6, FP 1, FN 2 -> 12 / 15
+    assert s.score == pytest.approx(12 / 15)
+
+
+def test_brats_whole_tumour_dice_is_the_mean_over_cases(bench: ModuleType) -> None:
+    ref = np.zeros((4, 4, 4), dtype=np.uint8)
+    ref[:2] = 2
+    ref[0, 0, 0] = 4
+    pred_a = ref.copy()  # Dice 1
+    pred_b = np.zeros_like(ref)
+    pred_b[:1] = 1  # 16 of 32 whole-tumour voxels, labelled with another tumour class
+    s = bench.score_dataset("brats2013", {"a": ref, "b": ref}, {"a": pred_a, "b": pred_b})
+    assert s.per_case["b"]["whole"] == pytest.approx(2 * 16 / 48)
+    assert s.score == pytest.approx((1.0 + 2 * 16 / 48) / 2)

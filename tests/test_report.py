@@ -1,0 +1,157 @@
+"""Cohort evaluation core: pairing, summaries, tidy CSV, self-contained HTML."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg import metrics as M
+from medseg.report.evaluate import (
+    CaseResult,
+    case_id_of,
+    evaluate_cohort,
+    metrics_csv,
+    pairs_from_paths,
+    parse_classes,
+    summarise,
+)
+
+
+def _save(path: Path, arr: np.ndarray, spacing=(1.0, 1.0, 2.0), dtype=np.int16) -> Path:
+    nib.save(nib.Nifti1Image(arr.astype(dtype), np.diag([*spacing, 1.0])), path)
+    return path
+
+
+def _labels(shift: int) -> np.ndarray:
+    a = np.zeros((16, 16, 6), np.int16)
+    a[3 + shift : 10 + shift, 3:10, 1:5] = 1
+    a[11:14, 11:14, 2:4] = 2
+    return a
+
+
+def test_case_id_strips_volume_suffixes():
+    assert case_id_of(Path("a/case_01.nii.gz")) == "case_01"
+    assert case_id_of(Path("x.NRRD")) == "x" and case_id_of(Path("img.v2.png")) == "img.v2"
+
+
+def test_pairs_from_folders_keep_unmatched_cases(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    _save(tmp_path / "r" / "a.nii.gz", _labels(0))
+    _save(tmp_path / "r" / "b.nii.gz", _labels(0))
+    _save(tmp_path / "p" / "a.nii.gz", _labels(0))
+    pairs = {p.case_id: p for p in pairs_from_paths(tmp_path / "p", tmp_path / "r")}
+    assert set(pairs) == {"a", "b"} and pairs["b"].pred is None
+
+
+def test_summary_counts_empties_and_infinities_apart():
+    def res(cid, pred, ref):
+        return CaseResult(
+            cid, {"c": M.all_metrics(pred, ref, (1.0, 1.0))}, spacing=(1.0, 1.0), diagonal_mm=10.0
+        )
+
+    m = np.zeros((8, 8), bool)
+    m[2:5, 2:5] = True
+    z = np.zeros_like(m)
+    results = [res("same", m, m), res("missed", z, m), res("none", z, z)]
+    s = summarise(results, ["c"])["c"]
+    assert s["dice"]["n"] == 3 and s["dice"]["mean"] == pytest.approx(2 / 3)
+    assert s["hd95"]["n_inf"] == 1 and s["hd95"]["max"] == 0.0
+    assert s["hd95"]["n_empty_ref"] == 1 and s["hd95"]["n_empty_pred"] == 2
+    assert s["hd95"]["inf_replaced_by_mm"] == 10.0
+    assert s["hd95"]["mean_inf_replaced"] == pytest.approx(10.0 / 3)
+    rows = list(csv.DictReader(io.StringIO(metrics_csv(results, ["c"]))))
+    assert len(rows) == 3 * len(M.METRIC_NAMES)
+    assert {r["value"] for r in rows if r["case_id"] == "missed" and r["metric"] == "hd"} == {"inf"}
+    assert all(not math.isnan(float(r["value"])) for r in rows)
+
+
+def test_parse_classes_from_values_names_and_regions():
+    names = {0: "background", 1: "necrosis", 2: "edema", 3: "enhancing"}
+    assert parse_classes("1,3", None, names, None) == {"necrosis": [1], "enhancing": [3]}
+    assert parse_classes("edema", None, names, None) == {"edema": [2]}
+    c = parse_classes(None, "whole=1,2,3;core=1,3", names, None)
+    assert c["whole"] == [1, 2, 3] and c["core"] == [1, 3] and c["edema"] == [2]
+    assert parse_classes("2", None, None, None) == {"2": [2]}
+
+
+def test_cohort_writes_csv_summary_and_html_with_every_case(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    for i in range(3):
+        _save(tmp_path / "r" / f"c{i}.nii.gz", _labels(0))
+        _save(tmp_path / "p" / f"c{i}.nii.gz", _labels(i))
+    _save(tmp_path / "r" / "lost.nii.gz", _labels(0))  # no prediction
+    pairs = pairs_from_paths(tmp_path / "p", tmp_path / "r")
+    out = tmp_path / "rep"
+    res = evaluate_cohort(pairs, out, {"1": [1], "2": [2]}, workers=1)
+    assert set(res.failures) == {"lost"} and "no prediction" in res.failures["lost"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_failed"] == 1 and summary["n_evaluated"] == 3
+    # class 2 is identical everywhere, class 1 shifted by 0, 1, 2 voxels along I (1 mm)
+    assert summary["metrics"]["2"]["dice"]["mean"] == 1.0
+    assert summary["metrics"]["1"]["hd"]["max"] == pytest.approx(2.0)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    c2 = [r for r in rows if r["case_id"] == "c2" and r["class"] == "1" and r["metric"] == "dice"]
+    assert float(c2[0]["value"]) == pytest.approx(2 * 5 * 7 * 4 / (2 * 7 * 7 * 4))
+    html = (out / "report.html").read_text()
+    for cid in ("c0", "c1", "c2", "lost"):
+        assert cid in html
+    assert "data:image/png;base64," in html and 'src="http' not in html
+    # worst first: the failure, then c2 (largest shift), c0 (perfect) last
+    order = [html.index(f">{c}<") for c in ("lost", "c2", "c1", "c0")]
+    assert order == sorted(order)
+
+
+def test_parallel_workers_give_the_same_metrics(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    for i in range(2):
+        _save(tmp_path / "r" / f"c{i}.nii.gz", _labels(0))
+        _save(tmp_path / "p" / f"c{i}.nii.gz", _labels(i + 1))
+    pairs = pairs_from_paths(tmp_path / "p", tmp_path / "r")
+    one = evaluate_cohort(pairs, tmp_path / "a", {"1": [1]}, workers=1, worst_n=0)
+    two = evaluate_cohort(pairs, tmp_path / "b", {"1": [1]}, workers=2, worst_n=0)
+    assert [r.metrics for r in one.results] == [r.metrics for r in two.results]
+
+
+CHROMIUM = next(
+    (p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None
+)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless chromium not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    for i in range(2):
+        _save(tmp_path / "r" / f"case{i}.nii.gz", _labels(0))
+        _save(tmp_path / "p" / f"case{i}.nii.gz", _labels(i))
+    pairs = pairs_from_paths(tmp_path / "p", tmp_path / "r")
+    evaluate_cohort(pairs, tmp_path / "rep", {"1": [1]}, workers=1)
+    assert CHROMIUM is not None and shutil.which(CHROMIUM)
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--dump-dom",
+            (tmp_path / "rep" / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    assert "case0" in dom and "case1" in dom and "Per case" in dom

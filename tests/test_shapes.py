@@ -1,0 +1,104 @@
+"""Shape arithmetic of the valid U-Net, checked exhaustively against the real network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medseg.model import UNet, shapes
+
+
+def _network_output(net: UNet, size: int, other: int) -> int | None:
+    """Output size along axis 0 for input ``size``, or None when the network rejects it:
+    a forward that fails, or a pooling that sees an odd size (silently dropping a voxel)."""
+    odd: list[tuple[int, ...]] = []
+    hook = net.pool.register_forward_pre_hook(
+        lambda _m, args: odd.extend(s for s in [tuple(args[0].shape[2:])] if any(v % 2 for v in s))
+    )
+    try:
+        with torch.no_grad():
+            y = net(torch.zeros(1, 1, size, other))
+    except RuntimeError:
+        return None
+    finally:
+        hook.remove()
+    if odd or min(y.shape[2:]) < 1:
+        return None
+    return int(y.shape[2])
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("convs", [1, 2, 3])
+def test_shape_rules_match_network_for_every_size(depth: int, convs: int) -> None:
+    net = UNet(2, 1, 1, depth=depth, base_channels=1, convs_per_level=convs, norm="none").eval()
+    m = shapes.margin(depth, convs)
+    other = shapes.input_size(shapes.min_output_size(depth, convs), depth, convs)
+    assert _network_output(net, other, other) == shapes.min_output_size(depth, convs)
+    hi = 2 * m + 3 * (1 << depth) + 8
+    n_valid = 0
+    for size in range(1, hi):
+        got = _network_output(net, size, other)
+        assert shapes.is_valid_input(size, depth, convs) == (got is not None), size
+        if got is None:
+            with pytest.raises(ValueError):
+                shapes.output_size(size, depth, convs)
+            continue
+        n_valid += 1
+        assert shapes.output_size(size, depth, convs) == got == size - 2 * m
+        assert shapes.input_size(got, depth, convs) == size
+        assert net.output_shape((size, other))[0] == got
+    assert n_valid >= 2
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("convs", [1, 2, 3])
+def test_valid_output_size_is_nearest_valid(depth: int, convs: int) -> None:
+    valid = [s for s in range(1, 200) if shapes.is_valid_output(s, depth, convs)]
+    q = shapes.lattice(depth)
+    # all valid outputs are congruent modulo 2**depth (what keeps mirrored tiles aligned)
+    assert len({v % q for v in valid}) == 1
+    for n in range(1, 150):
+        ge = shapes.valid_output_size(n, depth, convs, "ge")
+        assert ge == min(v for v in valid if v >= n)
+        below = [v for v in valid if v <= n]
+        if below:
+            assert shapes.valid_output_size(n, depth, convs, "le") == max(below)
+        else:
+            with pytest.raises(ValueError):
+                shapes.valid_output_size(n, depth, convs, "le")
+        vi = shapes.valid_input_size(n + 2 * shapes.margin(depth, convs), depth, convs)
+        assert shapes.output_size(vi, depth, convs) == ge
+
+
+def test_paper_margin_and_sizes() -> None:
+    # Ronneberger et al. 2015, Fig. 1: 572 -> 388, bottom 32 -> 28
+    assert shapes.margin(4) == 92
+    assert shapes.output_size(572, 4) == 388
+    assert shapes.input_size(388, 4) == 572
+    t = shapes.trace(572, 4)
+    assert t.encoder == (568, 280, 136, 64)
+    assert t.bottom == 28
+    assert t.decoder == (52, 100, 196, 388)
+
+
+def test_input_size_rejects_unreachable_output() -> None:
+    with pytest.raises(ValueError):
+        shapes.input_size(387, 4)
+
+
+def test_peak_activation_counts_at_least_largest_layer_output() -> None:
+    """The estimate covers the biggest tensor the real network creates plus its input."""
+    net = UNet(3, 2, 3, depth=2, base_channels=4, norm="none").eval()
+    sizes: list[int] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _a, y: sizes.append(y.numel()))
+        for m in net.modules()
+        if not list(m.children())
+    ]
+    with torch.no_grad():
+        net(torch.zeros(1, 2, *(shapes.input_size(12, 2),) * 3))
+    for h in hooks:
+        h.remove()
+    est = shapes.peak_activation_elements((12, 12, 12), **net.network)
+    assert est >= max(sizes) + 2 * 12**3
+    assert est <= 4 * sum(sizes)
