@@ -1,20 +1,22 @@
 """Inference speed and memory: medseg overlap-tile vs the whole-volume pass and vs MONAI.
 
 Prints, for one 3D volume and one network (depth 4 so that MONAI's BasicUNet, which always
-has 4 poolings, has the same depth and widths):
+has 4 poolings, has the same depth and widths), at the sizes issue 3 names:
 
-1. tiled / whole-volume forward time of the same network at the automatic tile size (and at a
-   forced 1 GiB budget, which cuts the volume into several tiles);
-2. output voxels per second, medseg ``predict_logits`` vs MONAI ``sliding_window_inference``
-   (overlap 0.5, gaussian weighting, roi 96^3) with ``BasicUNet`` of the same widths;
-3. peak resident memory (``ru_maxrss`` of a fresh subprocess each) of a 5-class case of
-   512x512x300 voxels (``--rss-scale`` shrinks every side; both tools get the same volume and a
-   tiny network, since the comparison is about buffers, not arithmetic): medseg streams an
-   argmax into an int8 array, MONAI accumulates float32 logits for every class;
+1. tiled / whole-volume forward time of the same (inference-prepared) network at the
+   automatic tile size (default budget), and at a forced 4 GiB budget for reference;
+2. output voxels per second on 192x192x160, medseg ``predict_logits`` (defaults: batch norm
+   folded, channels-last) vs MONAI ``sliding_window_inference`` (roi 96^3, overlap 0.5,
+   gaussian) with ``BasicUNet`` of the same widths;
+3. peak resident memory (``VmHWM`` of a fresh subprocess each) of a 5-class 512x512x300 case
+   (``--rss-only``; a narrow network, since the comparison is about buffers): medseg streams
+   an argmax into an int8 array within ``--rss-budget``; MONAI accumulates float32 logits for
+   every class plus a count map (its argmax is taken in slabs so it adds no int64 volume);
 4. achieved convolution GFLOP/s of the tiled pass as a fraction of the best conv3d throughput
-   measured on this machine (default and channels-last memory formats).
+   measured on this machine (both memory formats, 16-64 channels).
 
-Run: ``python benchmarks/bench_inference.py [--size 128 128 96] [--threads 2]``.
+Run: ``python benchmarks/bench_inference.py`` (speed, ~3 min on 2 cores) and
+``python benchmarks/bench_inference.py --rss-only`` (memory, full size).
 """
 
 from __future__ import annotations
@@ -57,12 +59,14 @@ def _time(fn: Any, repeats: int = 1, warmup: bool = False) -> float:
     return best
 
 
-def whole_volume(net: UNet, image: np.ndarray) -> np.ndarray:
+def whole_volume(net: Any, image: np.ndarray) -> np.ndarray:
     """The reference: mirror-pad once to the smallest valid size, one forward pass."""
     m = net.margin
     full = [shapes.valid_output_size(n, net.depth) for n in image.shape[1:]]
     pad = [(0, 0)] + [(m, m + f - n) for n, f in zip(image.shape[1:], full, strict=True)]
     x = torch.from_numpy(np.pad(image, pad, mode="reflect"))[None]
+    if getattr(net, "channels_last", False):
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode():
         return net(x)[0].numpy()
 
@@ -81,9 +85,9 @@ class FlopCounter:
     def _hook(self, m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         k = int(np.prod(m.kernel_size))  # type: ignore[arg-type]
         if isinstance(m, nn.ConvTranspose3d):
-            self.flops += 2 * inp[0].numel() * m.out_channels * k
+            self.flops += 2 * inp[0].numel() * int(m.out_channels) * k
         else:
-            self.flops += 2 * out.numel() * m.in_channels * k
+            self.flops += 2 * out.numel() * int(m.in_channels) * k  # type: ignore[arg-type]
 
     def remove(self) -> None:
         for h in self.hooks:
@@ -122,7 +126,7 @@ def rss_child(tool: str, shape: tuple[int, ...], classes: int, base: int, budget
             labels[tile.write.slices()] = logits.argmax(0)
 
         infer.run_tiles(net, image, layout, sink)
-        extra = {"tiles": len(layout.tiles), "tile": layout.size}
+        extra = {"tiles": len(layout.tiles), "tile": layout.size, "batch": layout.batch_size}
     else:
         from monai.inferers import sliding_window_inference
 
@@ -131,7 +135,10 @@ def rss_child(tool: str, shape: tuple[int, ...], classes: int, base: int, budget
             out = sliding_window_inference(
                 torch.from_numpy(image)[None], (96, 96, 96), 1, net_m, overlap=0.5, mode="gaussian"
             )
-            labels = out[0].argmax(0).to(torch.int8).numpy()  # type: ignore[union-attr]
+            assert isinstance(out, torch.Tensor)
+            labels = np.empty(shape, np.int8)
+            for k in range(0, shape[2], 16):  # slabs: no full-volume int64 argmax
+                labels[..., k : k + 16] = out[0, ..., k : k + 16].argmax(0).numpy()
         extra = {}
     # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak over exec
     with open("/proc/self/status") as fh:
@@ -140,15 +147,43 @@ def rss_child(tool: str, shape: tuple[int, ...], classes: int, base: int, budget
     print(json.dumps({"peak_mib": peak, "seconds": time.perf_counter() - t, **extra}))
 
 
+def rss(a: argparse.Namespace) -> None:
+    """Peak memory of each tool on the full-size 5-class case, one fresh process each."""
+    shape = [int(round(s * a.rss_scale)) for s in (512, 512, 300)]
+    res = {}
+    for tool in ("medseg", "monai"):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            tool,
+            json.dumps(shape),
+            "5",
+            str(a.rss_base),
+            f"{a.rss_budget}:{a.threads}",
+        ]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        res[tool] = json.loads(out.strip().splitlines()[-1])
+    med, mon = res["medseg"], res["monai"]
+    print(
+        f"peak RSS, {shape} 5 classes, base {a.rss_base}, {a.threads} threads: medseg "
+        f"{med['peak_mib']:.0f} MiB ({med['seconds']:.1f} s, --max-memory {a.rss_budget}, "
+        f"{med['tiles']} tiles of {med['tile']}, batch {med['batch']}), MONAI "
+        f"{mon['peak_mib']:.0f} MiB ({mon['seconds']:.1f} s); ratio medseg/MONAI "
+        f"{med['peak_mib'] / mon['peak_mib']:.3f} (goal <= 0.25); time ratio MONAI/medseg "
+        f"{mon['seconds'] / med['seconds']:.2f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, nargs=3, default=[128, 128, 96])
+    ap.add_argument("--size", type=int, nargs=3, default=[192, 192, 160])
     ap.add_argument("--base", type=int, default=8, help="base channels of both networks")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rss-scale", type=float, default=0.5, help="side factor on 512x512x300")
+    ap.add_argument("--rss-only", action="store_true", help="run only the memory comparison")
+    ap.add_argument("--rss-scale", type=float, default=1.0, help="side factor on 512x512x300")
     ap.add_argument("--rss-base", type=int, default=2)
     ap.add_argument("--rss-budget", default="1G", help="medseg --max-memory in the RSS run")
-    ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -156,34 +191,9 @@ def main() -> None:
         rss_child(tool, tuple(json.loads(shape)), int(classes), int(base), budget)
         return
     torch.set_num_threads(a.threads)
-    # memory first, in fresh subprocesses, before this process holds big buffers
-    if not a.skip_rss:
-        shape = [max(16, int(round(s * a.rss_scale))) for s in (512, 512, 300)]
-        res = {}
-        for tool in ("medseg", "monai"):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                tool,
-                json.dumps(shape),
-                "5",
-                str(a.rss_base),
-                f"{a.rss_budget}:{a.threads}",
-            ]
-            res[tool] = json.loads(
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-        print(
-            f"peak RSS, {shape} 5 classes, base {a.rss_base}: "
-            f"medseg {res['medseg']['peak_mib']:.0f} MiB ({res['medseg']['seconds']:.1f} s, "
-            f"budget {a.rss_budget}, "
-            f"{res['medseg']['tiles']} tiles), MONAI {res['monai']['peak_mib']:.0f} MiB "
-            f"({res['monai']['seconds']:.1f} s); ratio medseg/MONAI "
-            f"{res['medseg']['peak_mib'] / res['monai']['peak_mib']:.3f} (goal <= 0.25)"
-        )
+    if a.rss_only:
+        rss(a)
+        return
 
     size = tuple(a.size)
     image = np.random.default_rng(0).normal(size=(1, *size)).astype(np.float32)
@@ -192,28 +202,41 @@ def main() -> None:
     print(
         f"volume {size}, UNet depth 4 base {a.base}, {a.threads} threads, torch {torch.__version__}"
     )
-
-    t_whole = _time(lambda: whole_volume(net, image))
-    auto = infer.tile_layout(net, size)
+    fast = infer.inference_model(net)  # what predict_logits runs: BN folded, channels-last
     with torch.inference_mode():  # warm-up on a small input: oneDNN kernel selection
-        net(torch.zeros(1, 1, *(shapes.input_size(4, 4),) * 3))
-    counter = FlopCounter(net)
-    t_auto = _time(lambda: infer.predict_logits(net, image))
+        fast(torch.zeros(1, 1, *(shapes.input_size(4, 4),) * 3))
+    t_whole = _time(lambda: whole_volume(fast, image), repeats=2)
+    auto = infer.tile_layout(net, size)
+    out = np.empty((2, *size), np.float32)
+
+    def sink(tile: Any, logits: np.ndarray) -> None:
+        out[(slice(None), *tile.write.slices())] = logits
+
+    t_auto = _time(lambda: infer.run_tiles(fast, image, auto, sink, prepare=False), repeats=2)
+    counter = FlopCounter(fast)  # one uncounted-time pass: FLOPs of one tiled inference
+    with torch.inference_mode():
+        infer.run_tiles(fast, image, auto, lambda t, o: None, prepare=False)
     counter.remove()
-    gib = 1 << 30
-    forced = infer.tile_layout(net, size, max_memory=gib)
-    t_forced = (
-        t_auto
-        if forced.size == auto.size
-        else _time(lambda: infer.predict_logits(net, image, max_memory=gib))
+    t_api = _time(lambda: infer.predict_logits(net, image))
+    # the path before inference preparation: contiguous layout, batch norm not folded
+    t_plain = _time(
+        lambda: infer.run_tiles(net, image, auto, sink, prepare=False, channels_last=False)
     )
-    print(f"whole-volume forward        {t_whole:8.2f} s")
+    gib = 4 << 30
+    forced = infer.tile_layout(net, size, max_memory=gib)
+    t_forced = _time(lambda: infer.predict_logits(net, image, max_memory=gib))
+    print(f"whole-volume forward        {t_whole:8.2f} s  (same prepared network, one pass)")
     print(
         f"tiled, auto budget          {t_auto:8.2f} s  tiles {len(auto.tiles)} of {auto.size}"
-        f"  ratio tiled/whole {t_auto / t_whole:.3f} (goal <= 1.15)"
+        f"  ratio tiled/whole {t_auto / t_whole:.3f} (goal <= 1.15); predict_logits "
+        f"{t_api:.2f} s"
     )
     print(
-        f"tiled, 1 GiB budget         {t_forced:8.2f} s  tiles {len(forced.tiles)} of "
+        f"same tiles, unprepared net  {t_plain:8.2f} s  (contiguous, batch norm unfolded); "
+        f"speed-up of the preparation {t_plain / t_auto:.2f}x"
+    )
+    print(
+        f"tiled, 4 GiB budget         {t_forced:8.2f} s  tiles {len(forced.tiles)} of "
         f"{forced.size}  ratio tiled/whole {t_forced / t_whole:.3f}"
     )
 
@@ -229,24 +252,16 @@ def main() -> None:
     t_monai = _time(run_monai)
     print(
         f"MONAI sliding window        {t_monai:8.2f} s  ({vox / t_monai / 1e6:.3f} Mvox/s); "
-        f"medseg {vox / t_auto / 1e6:.3f} Mvox/s; ratio medseg/MONAI {t_monai / t_auto:.3f} "
+        f"medseg {vox / t_api / 1e6:.3f} Mvox/s; ratio medseg/MONAI {t_monai / t_api:.3f} "
         "(goal >= 1.5)"
     )
 
     achieved = counter.flops / t_auto / 1e9
-    net_cl = net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-    lay = infer.tile_layout(net_cl, size)
-    out = np.empty((2, *size), np.float32)
-
-    def sink(tile: Any, logits: np.ndarray) -> None:
-        out[(slice(None), *tile.write.slices())] = logits
-
-    t_cl = _time(lambda: infer.run_tiles(net_cl, image, lay, sink, channels_last=True))
     peak = conv_peak(a.threads)
-    best = max(achieved, counter.flops / t_cl / 1e9)
     print(
-        f"conv GFLOP/s: tiled {achieved:.1f}, channels-last {counter.flops / t_cl / 1e9:.1f}; "
-        f"measured conv3d peak {peak:.1f}; fraction {best / peak:.3f} (goal >= 0.6)"
+        f"conv GFLOP/s: tiled {achieved:.1f} ({counter.flops / 1e9:.0f} GFLOP, "
+        f"{counter.flops / vox / 1e3:.1f} kFLOP per output voxel); measured conv3d peak "
+        f"{peak:.1f}; fraction {achieved / peak:.3f} (goal >= 0.6)"
     )
 
 

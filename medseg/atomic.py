@@ -17,6 +17,16 @@ from typing import Any
 from medseg.errors import WriteError
 
 
+def _default_mode() -> int:
+    # mkstemp creates 0600 files; written results should get the user's usual permissions.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _default_mode()
+
+
 def _check_parent(path: Path) -> None:
     if not path.parent.is_dir():
         raise WriteError(
@@ -39,6 +49,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, _MODE)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

@@ -95,7 +95,7 @@ def make_case(seed: int, index: int) -> tuple[Volume, Volume]:
     )
     kidney = Ellipsoid(
         tuple(rng.uniform([19, -8, -6], [24, 2, 4])),
-        tuple(rng.uniform([10, 8, 12], [12, 10, 15])),
+        tuple(rng.uniform([11, 9, 13], [13, 11, 16])),
         _rotation(rng, 25),
     )
     label = np.zeros(grid.shape, np.uint8)
@@ -119,7 +119,8 @@ def write_dataset(out: Path, n_cases: int = 24, n_val: int = 6, seed: int = 0) -
     """Write ``n_cases`` phantoms as NIfTI under ``out`` and return the manifest path.
 
     Layout: ``out/images/demo_XXX.nii.gz``, ``out/labels/demo_XXX.nii.gz`` and
-    ``out/manifest.json`` (paths relative to ``out``; the last ``n_val`` cases are "val").
+    ``out/manifest.json`` (paths relative to ``out``, its ``data_root`` "."; the last ``n_val``
+    cases are "val").
     """
     from medseg.io import write_volume
 
@@ -141,6 +142,7 @@ def write_dataset(out: Path, n_cases: int = 24, n_val: int = 6, seed: int = 0) -
         )
     manifest = {
         "name": "demo",
+        "data_root": ".",
         "channels": ["MR"],
         "modalities": ["MR"],
         "labels": {str(k): v for k, v in LABELS.items()},

@@ -124,20 +124,23 @@ def tile_layout(
     batch_size: int | None = None,
 ) -> TileLayout:
     """Tiles for an image of ``spatial_shape``: forced ``tile_size`` (output side, made valid)
-    or the largest that fits ``max_memory`` bytes (default: half the available memory)."""
+    or the largest that fits ``max_memory`` bytes (default: half the available memory), then
+    shrunk per axis to the smallest size needing no more tiles (fewer margin voxels)."""
     network: dict[str, Any] = model.network  # type: ignore[assignment]
     depth = int(network["depth"])
     convs = int(network.get("convs_per_level", 2))
     budget = _tile_budget(
         default_memory_budget() if max_memory is None else max_memory, _model_device(model)
     )
+    cl = default_channels_last(model)
     if tile_size is not None:
         size = tiling.clamp_tile_size(spatial_shape, tile_size, depth, convs)
     else:
-        size = tiling.choose_tile_size(spatial_shape, network, budget)
+        largest = tiling.choose_tile_size(spatial_shape, network, budget, channels_last=cl)
+        size = tiling.balance_tile_size(spatial_shape, largest, depth, convs)
     tiles = tiling.plan_tiles(spatial_shape, size, 1 << depth)
     if batch_size is None:
-        batch_size = tiling.choose_batch_size(size, network, budget, len(tiles))
+        batch_size = tiling.choose_batch_size(size, network, budget, len(tiles), channels_last=cl)
     return TileLayout(size, tiles, max(1, int(batch_size)))
 
 
@@ -151,6 +154,38 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 Sink = Callable[[tiling.Tile, np.ndarray], None]
 
 
+def default_channels_last(model: nn.Module) -> bool:
+    """Channels-last (``torch.channels_last_3d``) for 3D U-Nets on the CPU: oneDNN runs its
+    convolutions without padding channels to blocks of 8/16 and without layout conversions
+    around every batch-norm/ReLU/pooling (measured on a depth-4 base-8 3D U-Net, 2 threads:
+    1.6x faster per tile)."""
+    from medseg.model import UNet
+
+    return (
+        isinstance(model, UNet) and model.spatial_dims == 3 and _model_device(model).type == "cpu"
+    )
+
+
+def inference_model(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
+    """The network as tiles run it: for a :class:`medseg.model.UNet` in eval mode a copy with
+    batch norm folded into the convolutions (:func:`medseg.model.unet.fold_batch_norm`), in
+    channels-last memory format when ``channels_last`` (default: :func:`default_channels_last`).
+    Other modules, and models in training mode, are returned as they are."""
+    from medseg.model import UNet
+    from medseg.model.unet import fold_batch_norm
+
+    if not isinstance(model, UNet) or model.training:
+        return model
+    if channels_last is None:
+        channels_last = default_channels_last(model)
+    fast = fold_batch_norm(model)
+    if channels_last:
+        fmt = torch.channels_last_3d if model.spatial_dims == 3 else torch.channels_last
+        fast = fast.to(memory_format=fmt)  # type: ignore[call-overload]
+    fast.channels_last = channels_last  # type: ignore[assignment]
+    return fast
+
+
 def run_tiles(
     model: nn.Module,
     image: np.ndarray,
@@ -161,26 +196,39 @@ def run_tiles(
     progress: Progress | None = None,
     done: int = 0,
     total: int | None = None,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
+    prepare: bool = True,
 ) -> int:
     """Run every tile of ``layout`` over ``image`` ``(C, *spatial)`` and hand
     ``sink(tile, logits)`` the float32 logits ``(classes, *tile.write.shape)`` it owns.
 
+    With ``prepare`` the model first goes through :func:`inference_model` (batch norm folded,
+    channels-last on the CPU unless ``channels_last=False``); pass ``prepare=False`` with a
+    model that already did. Tile inputs are mirrored straight into one reused batch buffer.
     Logits of mirrored passes (``tta``) are averaged in float32; on CUDA the network runs
     under autocast and the result is cast to float32 before averaging and stitching.
     Returns the number of tiles done (``done`` + this image's tiles) for the progress count.
     """
+    if prepare:
+        model = inference_model(model, channels_last=channels_last)
+    cl = bool(getattr(model, "channels_last", False)) if channels_last is None else channels_last
     dims = image.ndim - 1
     margin = int(model.margin)  # type: ignore[arg-type]
     flips = _flip_sets(tta, dims)
     device = _model_device(model)
     total = len(layout.tiles) if total is None else total
     fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    in_size = tuple(s + 2 * margin for s in layout.size)
+    buf = np.empty(
+        (min(layout.batch_size, len(layout.tiles)), image.shape[0], *in_size), np.float32
+    )
     for b0 in range(0, len(layout.tiles), layout.batch_size):
         batch = layout.tiles[b0 : b0 + layout.batch_size]
-        x = np.stack([tiling.extract(image, t.input_box(margin)) for t in batch])
-        xt = torch.from_numpy(x.astype(np.float32, copy=False)).to(device)
-        if channels_last:
+        x = buf[: len(batch)]
+        for t, slot in zip(batch, x, strict=True):
+            tiling.extract(image, t.input_box(margin), out=slot)
+        xt = torch.from_numpy(x).to(device)
+        if cl:
             xt = xt.contiguous(memory_format=fmt)
         with torch.inference_mode(), _autocast(device):
             acc: torch.Tensor | None = None
@@ -197,7 +245,8 @@ def run_tiles(
                 f"network output {tuple(acc.shape[2:])} differs from the planned tile "
                 f"{layout.size}; plan.network does not describe this model"
             )
-        out = acc.cpu().numpy()
+        # classes first in memory, so that the sink's argmax and copies stream
+        out = acc.cpu().contiguous().numpy()
         for t, o in zip(batch, out, strict=True):
             sink(t, o[(slice(None), *t.local_write())])
         done += len(batch)
@@ -215,6 +264,7 @@ def predict_logits(
     max_memory: int | None = None,
     batch_size: int | None = None,
     progress: Progress | None = None,
+    prepare: bool = False,
 ) -> np.ndarray:
     """Float32 logits ``(classes, *spatial)`` for every voxel of ``image`` ``(C, *spatial)``.
 
@@ -222,6 +272,10 @@ def predict_logits(
     the same valid-convolution shape rule) in eval mode; the image is mirrored at its border
     inside. ``tile_size`` forces the output tile size (voxels, made valid); ``tta="flip"``
     averages the logits over all mirrorings of the spatial axes (or a sequence of axes).
+    By default the model runs exactly as given, so the result equals its whole-volume forward
+    pass to float32 rounding of the same arithmetic; ``prepare=True`` runs the faster
+    :func:`inference_model` copy (batch norm folded, channels-last), whose different rounding
+    can reach ~1e-6 of the logit magnitude.
     """
     network: dict[str, Any] = model.network  # type: ignore[assignment]
     dims = int(network["spatial_dims"])
@@ -242,7 +296,7 @@ def predict_logits(
     def sink(t: tiling.Tile, logits: np.ndarray) -> None:
         out[(slice(None), *t.write.slices())] = logits
 
-    run_tiles(model, image, layout, sink, tta=tta, progress=progress)
+    run_tiles(model, image, layout, sink, tta=tta, progress=progress, prepare=prepare)
     return out
 
 
@@ -453,6 +507,7 @@ def predict_case(
         slices = [image[..., k] for k in range(spatial[2])]
     layout = tile_layout(model, slices[0].shape[1:], tile_size=tile_size, max_memory=budget)
     total = len(layout.tiles) * len(slices)
+    fast = inference_model(model)
     with _output_arrays(tuple(spatial), plan.num_classes, save_probabilities, budget) as (
         classes,
         probs,
@@ -473,7 +528,15 @@ def predict_case(
                     prob_view[(slice(None), *t.write.slices())] = softmax(logits)
 
             done = run_tiles(
-                model, img, layout, sink, tta=tta, progress=progress, done=done, total=total
+                fast,
+                img,
+                layout,
+                sink,
+                tta=tta,
+                progress=progress,
+                done=done,
+                total=total,
+                prepare=False,
             )
         restored = np.asarray(restore_labels(np.asarray(classes), prepared.record))
         prob_vol = None

@@ -35,10 +35,10 @@ def read_region(array: np.ndarray, box: Box) -> np.ndarray:
     """Read ``box`` (over ``I, J, K``) of a ``(C, I, J, K)`` array, mirror-reflected outside.
 
     The overlap-tile reader (``medseg.tiling.extract``), so training patches and inference
-    tiles see identical padding; it slices only the needed slab of a memmap. Returns a plain
+    tiles see identical padding; it slices only the needed slab of a memmap. Returns a new
     in-memory ndarray.
     """
-    return np.array(extract(array, box), copy=True)
+    return extract(array, box)
 
 
 @dataclass(frozen=True)
@@ -148,16 +148,18 @@ def input_box(out_box: Box, cfg: SamplingConfig) -> Box:
     return out_box.grow(cfg.margin3)
 
 
-def is_foreground_slot(index: int, batch_size: int, fraction: float) -> bool:
-    """Whether patch ``index`` of a batch is a forced-foreground patch.
+def foreground_slots(batch_size: int, fraction: float, rng: np.random.Generator) -> list[bool]:
+    """Which patches of a batch are forced-foreground patches.
 
-    As in nnU-Net, the last ``round(fraction * batch_size)`` patches are forced, so a batch of
-    2 with fraction 1/3 has exactly one forced patch and small batches still see foreground.
+    As in nnU-Net, the last ``round(fraction * batch_size)`` patches are forced; when that
+    rounds to zero (a batch of 1), the last patch is forced with probability
+    ``fraction * batch_size``, so the expected share stays ``fraction``. Always draws one number.
     """
+    u = rng.random()
     n_fg = int(round(fraction * batch_size))
-    if fraction > 0 and n_fg == 0:
+    if n_fg == 0 and u < fraction * batch_size:
         n_fg = 1
-    return index >= batch_size - n_fg
+    return [i >= batch_size - n_fg for i in range(batch_size)]
 
 
 def crop_label(label: np.ndarray, out_box: Box) -> np.ndarray:

@@ -27,6 +27,10 @@ MEMORY_SAFETY = 1.1
 #: Channel counts are rounded up to this: oneDNN's blocked layouts pad channels to 16 (measured:
 #: a depth-4 3D U-Net of base width 2 peaks at 5.4x its unpadded activation count, base 8 at 2.1x).
 CHANNEL_BLOCK = 16
+#: Safety factor in channels-last memory format, where oneDNN does not pad channels (measured
+#: peak / unpadded estimate: 1.31 at base width 2, 1.01 at base 8; the tile input copy and
+#: the layout conversion of a 1-channel input weigh most in narrow networks).
+CHANNELS_LAST_SAFETY = 1.4
 
 
 @dataclass(frozen=True)
@@ -100,18 +104,27 @@ def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
     return np.where(idx < n, idx, period - idx)
 
 
-def extract(image: np.ndarray, box: Box) -> np.ndarray:
-    """``image[:, box]`` for a ``(C, *spatial)`` array, mirrored where ``box`` leaves it."""
+def extract(image: np.ndarray, box: Box, out: np.ndarray | None = None) -> np.ndarray:
+    """``image[:, box]`` for a ``(C, *spatial)`` array, mirrored where ``box`` leaves it.
+
+    Written into ``out`` (shape ``(C, *box.shape)``) when given, so a batch buffer is filled
+    without an intermediate copy; the mirrored parts are gathered per axis, never by padding
+    the whole image.
+    """
     spatial = image.shape[1:]
+    if out is None:
+        out = np.empty((image.shape[0], *box.shape), dtype=image.dtype)
     if Box.from_shape(tuple(spatial)).contains(box):
-        return np.ascontiguousarray(image[(slice(None), *box.slices())])
+        out[...] = image[(slice(None), *box.slices())]
+        return out
     index = [reflect_indices(a, b, n) for a, b, n in zip(box.start, box.stop, spatial, strict=True)]
     # slice the inside hull first so that fancy indexing only touches the needed voxels
     lo = [int(i.min()) for i in index]
     hi = [int(i.max()) + 1 for i in index]
     sub = image[(slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))]
     grids = np.ix_(np.arange(image.shape[0]), *(i - a for i, a in zip(index, lo, strict=True)))
-    return np.ascontiguousarray(sub[grids])
+    out[...] = sub[grids]
+    return out
 
 
 def clamp_tile_size(
@@ -131,19 +144,30 @@ def clamp_tile_size(
     return tuple(out)
 
 
-def tile_bytes(size: Sequence[int], network: dict, bytes_per_value: int = 4) -> int:
-    """Estimated peak memory (bytes) of one forward pass over one tile of output ``size``."""
+def tile_bytes(
+    size: Sequence[int], network: dict, bytes_per_value: int = 4, *, channels_last: bool = False
+) -> int:
+    """Estimated peak memory (bytes) of one forward pass over one tile of output ``size``.
+
+    Blocked layouts (default) pad channels to :data:`CHANNEL_BLOCK`; channels-last does not.
+    """
+    safety, block = (CHANNELS_LAST_SAFETY, 1) if channels_last else (MEMORY_SAFETY, CHANNEL_BLOCK)
     return int(
-        MEMORY_SAFETY
+        safety
         * bytes_per_value
         * shapes.peak_activation_elements(
-            tuple(int(s) for s in size), **network, channel_block=CHANNEL_BLOCK
+            tuple(int(s) for s in size), **network, channel_block=block
         )
     )
 
 
 def choose_tile_size(
-    shape: Sequence[int], network: dict, budget_bytes: int, bytes_per_value: int = 4
+    shape: Sequence[int],
+    network: dict,
+    budget_bytes: int,
+    bytes_per_value: int = 4,
+    *,
+    channels_last: bool = False,
 ) -> tuple[int, ...]:
     """Largest cubic-as-possible valid output tile whose forward pass fits ``budget_bytes``.
 
@@ -159,10 +183,35 @@ def choose_tile_size(
     while t < max(caps):
         t = shapes.valid_output_size(t + 1, depth, convs, "ge")
         cand = tuple(min(t, c) for c in caps)
-        if tile_bytes(cand, network, bytes_per_value) > budget_bytes:
+        if tile_bytes(cand, network, bytes_per_value, channels_last=channels_last) > budget_bytes:
             break
         best = cand
     return best
+
+
+def balance_tile_size(
+    shape: Sequence[int], size: Sequence[int], depth: int, convs_per_level: int = 2
+) -> tuple[int, ...]:
+    """Per axis the smallest valid tile that needs no more tiles than ``size`` does.
+
+    A 192-voxel axis under a 180-voxel tile needs two tiles either way, but two tiles of 100
+    compute far fewer margin voxels than two of 180 (each tile also pays ``2 * margin``).
+    """
+    step = shapes.lattice(depth)
+    out = []
+    for n, t in zip(shape, size, strict=True):
+        count = len(axis_tiles(int(n), int(t), step))
+        best = cand = int(t)
+        while cand > step:
+            try:
+                cand = shapes.valid_output_size(cand - 1, depth, convs_per_level, "le")
+            except ValueError:  # below the smallest valid size
+                break
+            if cand < step or len(axis_tiles(int(n), cand, step)) > count:
+                break
+            best = cand
+        out.append(best)
+    return tuple(out)
 
 
 def choose_batch_size(
@@ -172,7 +221,9 @@ def choose_batch_size(
     n_tiles: int,
     max_batch: int = 8,
     bytes_per_value: int = 4,
+    *,
+    channels_last: bool = False,
 ) -> int:
     """How many tiles of output ``size`` to run at once within ``budget_bytes`` (>= 1)."""
-    per = max(1, tile_bytes(size, network, bytes_per_value))
+    per = max(1, tile_bytes(size, network, bytes_per_value, channels_last=channels_last))
     return int(max(1, min(max_batch, n_tiles, budget_bytes // per)))

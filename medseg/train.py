@@ -42,7 +42,7 @@ from medseg.config import Pipeline
 from medseg.errors import ModelError, PlanError
 from medseg.losses import SegmentationLoss
 from medseg.preprocess.plan import Plan
-from medseg.sampling import SamplingConfig, batch_rng, is_foreground_slot, output_box
+from medseg.sampling import SamplingConfig, batch_rng, foreground_slots, output_box
 
 SPLITS_FILE = "splits.json"
 CHECKPOINT_LAST = "checkpoint_last.pt"
@@ -166,6 +166,8 @@ def fold_cases(
     """Training and validation case ids of ``fold`` (``"all"``: everything, no validation)."""
     if str(fold) == "all":
         return sorted(case_ids), []
+    if str(fold) == "manifest":
+        raise PlanError("--fold manifest needs the pipeline's manifest; use train()")
     try:
         k = int(fold)
     except (TypeError, ValueError) as exc:
@@ -178,6 +180,25 @@ def fold_cases(
     if not 0 <= k < len(splits):
         raise PlanError(f"--fold {k} out of range: the split has {len(splits)} folds (0..)")
     return list(splits[k]["train"]), list(splits[k]["val"])
+
+
+def manifest_split(pipeline: Pipeline, case_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--fold manifest``: the manifest's own ``split`` field ("val"/"validation" validate,
+    "test" cases are left out, everything else trains)."""
+    from medseg.manifest import load_manifest
+
+    if pipeline.manifest is None:
+        raise PlanError(f"{pipeline.path}: --fold manifest needs a manifest in the pipeline")
+    split = {c.case_id: (c.split or "train") for c in load_manifest(pipeline.manifest).cases}
+    val = sorted(c for c in case_ids if split.get(c) in ("val", "validation"))
+    train = sorted(
+        c for c in case_ids if split.get(c, "train") not in ("val", "validation", "test")
+    )
+    if not val or not train:
+        raise PlanError(
+            f"{pipeline.manifest}: --fold manifest needs cases with split 'train' and 'val'"
+        )
+    return train, val
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -222,6 +243,7 @@ class PatchBatches(Dataset):
         rng = batch_rng(self.seed, self.rank, step)
         dims = self.sampling.spatial_dims
         imgs, labs, wts = [], [], []
+        forced = foreground_slots(self.batch_size, self.sampling.foreground_fraction, rng)
         for b in range(self.batch_size):
             case = self._case(self.case_ids[int(rng.integers(len(self.case_ids)))])
             if case.label is None:
@@ -229,9 +251,8 @@ class PatchBatches(Dataset):
                     f"{self.prep_dir}/cases/{case.case_id}: cached without a label; training "
                     "needs labelled cases (check the manifest and rerun medseg preprocess)"
                 )
-            fg = is_foreground_slot(b, self.batch_size, self.sampling.foreground_fraction)
             shape = tuple(case.image.shape[1:])
-            box = output_box(shape, self.sampling, rng, case.locations, force_foreground=fg)
+            box = output_box(shape, self.sampling, rng, case.locations, force_foreground=forced[b])
             params = draw_spatial(self.augment, rng, dims)
             weights = case.weights if self.with_weights else None
             if self.with_weights and weights is None:
@@ -420,9 +441,9 @@ def _predict_case(model: nn.Module, image: np.ndarray, dims: int, tile: Any) -> 
 
     tile_size = tuple(tile) if tile is not None else None
     if dims == 3:
-        return predict_logits(model, np.asarray(image), tile_size=tile_size)
+        return predict_logits(model, np.asarray(image), tile_size=tile_size, prepare=True)
     slices = [
-        predict_logits(model, np.asarray(image[..., k]), tile_size=tile_size)
+        predict_logits(model, np.asarray(image[..., k]), tile_size=tile_size, prepare=True)
         for k in range(image.shape[-1])
     ]
     return np.stack(slices, axis=-1)
@@ -594,12 +615,15 @@ def train(
 
     plan = Plan.load(prep / "plan.json")
     all_ids = _list_cases(prep)
-    splits = (
-        load_or_create_splits(prep, all_ids, cfg.n_folds, cfg.seed, write=info.is_main)
-        if str(cfg.fold) != "all"
-        else []
-    )
-    train_ids, val_ids = fold_cases(splits, cfg.fold, all_ids)
+    if str(cfg.fold) == "manifest":
+        train_ids, val_ids = manifest_split(pipeline, all_ids)
+    else:
+        splits = (
+            load_or_create_splits(prep, all_ids, cfg.n_folds, cfg.seed, write=info.is_main)
+            if str(cfg.fold) != "all"
+            else []
+        )
+        train_ids, val_ids = fold_cases(splits, cfg.fold, all_ids)
     sampling = SamplingConfig(plan.patch_output_size, plan.margin, cfg.foreground_fraction)
     augment = AugmentConfig.from_dict(cfg.augment)
     loss_fn = SegmentationLoss(
@@ -632,7 +656,8 @@ def train(
     start_epoch, step, elapsed_before = 0, 0, 0.0
     best: float | None = None
     rows: list[dict[str, Any]] = []
-    best_preds: dict[str, np.ndarray] = {}
+    # validation predictions of the weights in model.pt, for the postprocessing decision
+    model_preds: dict[str, np.ndarray] = {}
     ckpt_path = out / CHECKPOINT_LAST
     if resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -779,15 +804,15 @@ def train(
                 row["val_loss"] = v.loss
                 row["val_dice_mean"] = round(v.mean_dice, 6)
                 row.update({f"val_dice_{k}": round(d, 6) for k, d in v.dice.items()})
+                if cfg.select == "last":
+                    model_preds = v.predictions
                 if best is None or v.mean_dice > best:
                     best = v.mean_dice
-                    best_preds = v.predictions
                     state = {k: t.detach().cpu() for k, t in model.state_dict().items()}
                     save_torch(out / CHECKPOINT_BEST, state)
                     if cfg.select == "best":
+                        model_preds = v.predictions
                         save_torch(out / "model.pt", state)
-                elif not best_preds and cfg.select == "best":
-                    best_preds = v.predictions
                 say(
                     f"epoch {epoch}: loss {row['train_loss']:.4f}, val Dice {v.mean_dice:.4f} "
                     f"({', '.join(f'{k} {d:.3f}' for k, d in v.dice.items())})"
@@ -808,9 +833,15 @@ def train(
         if cfg.select == "best" and val_ids and not (out / "model.pt").exists():
             save_torch(out / "model.pt", {k: t.cpu() for k, t in model.state_dict().items()})
         finished = epoch >= cfg.epochs or stopped
-        if finished and cfg.postprocess and val_ids and best_preds:
+        if finished and cfg.postprocess and val_ids:
+            if not model_preds:  # model.pt was chosen before a resume: predict with it again
+                chosen = UNet(**plan.network).to(dev)
+                chosen.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+                model_preds = validate(
+                    chosen, prep, val_ids, plan, None, cfg.val_tile_size
+                ).predictions
             atomic.write_json(
-                out / "postprocessing.json", _decide_postprocessing(prep, plan, best_preds)
+                out / "postprocessing.json", _decide_postprocessing(prep, plan, model_preds)
             )
         atomic.write_json(
             out / "training.json",

@@ -189,3 +189,27 @@ def test_exactly_one_of_ref_and_manifest(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "--pred", str(tmp_path), "--out", str(tmp_path / "o")])
     assert exc.value.code == 2 and "--ref" in capsys.readouterr().err
+
+
+def test_prediction_in_another_voxel_order_is_reordered_losslessly(tmp_path):
+    """A prediction stored bottom-up and mirrored (as a DICOM stack may be) is the same grid."""
+    ref = _labels(1)
+    aff = np.diag([0.8, 0.8, 2.5, 1.0])
+    _save(tmp_path / "ref.nii.gz", ref, affine=aff)
+    flipped = aff.copy()
+    flipped[:, 0] *= -1
+    flipped[:, 2] *= -1
+    flipped[:3, 3] = aff[:3, :3] @ np.array([ref.shape[0] - 1, 0, ref.shape[2] - 1])
+    _save(tmp_path / "pred.nii.gz", ref[::-1, :, ::-1], affine=flipped)
+    out = tmp_path / "rep"
+    args = [
+        "evaluate",
+        "--pred",
+        str(tmp_path / "pred.nii.gz"),
+        "--ref",
+        str(tmp_path / "ref.nii.gz"),
+    ]
+    assert _run([*args, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["1"]["dice"]["mean"] == 1.0
+    assert summary["metrics"]["2"]["hd"]["mean"] == 0.0

@@ -220,3 +220,58 @@ def test_brats_whole_tumour_dice_is_the_mean_over_cases(bench: ModuleType) -> No
     s = bench.score_dataset("brats2013", {"a": ref, "b": ref}, {"a": pred_a, "b": pred_b})
     assert s.per_case["b"]["whole"] == pytest.approx(2 * 16 / 48)
     assert s.score == pytest.approx((1.0 + 2 * 16 / 48) / 2)
+
+
+# -- `medseg infer` follows the run's pipeline [infer] tta ----------------------------------------
+def _tiny_run(folder: Path, infer_table: str) -> None:
+    """A model folder as `medseg train` writes it: plan.json, model.pt, pipeline.toml."""
+    import torch
+
+    from medseg.model import UNet, shapes
+    from medseg.preprocess.plan import ChannelPlan
+
+    network = {
+        "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "depth": 1,
+        "base_channels": 4, "channel_multiplier": 2, "convs_per_level": 2,
+        "upsampling": "transpose", "norm": "none", "dropout": 0.0,
+    }  # fmt: skip
+    size = shapes.min_output_size(1, 2)
+    plan = Plan(
+        spatial_dims=2,
+        channels=[ChannelPlan("EM", "EM", "zscore")],
+        label_values=[0, 255],
+        class_names=["membrane", "cell"],
+        network=network,
+        patch_output_size=(size, size),
+        tile_output_size=(size, size),
+        margin=(shapes.margin(1, 2),) * 2,
+        orientation=None,
+    )
+    folder.mkdir()
+    plan.save(folder / "plan.json")
+    torch.manual_seed(3)
+    model = UNet(**network)
+    torch.save(model.state_dict(), folder / "model.pt")
+    (folder / "pipeline.toml").write_text(f'name = "tiny"\n\n[infer]\n{infer_table}\n')
+
+
+def test_infer_defaults_to_the_run_pipeline_tta(tmp_path: Path, rng: np.random.Generator) -> None:
+    from PIL import Image
+
+    from medseg.cli import main
+
+    img = tmp_path / "slice.png"
+    Image.fromarray(rng.integers(0, 255, size=(21, 17), dtype=np.uint8)).save(img)
+    run = tmp_path / "run"
+    _tiny_run(run, 'tta = "flip"')
+    out = {}
+    for name, extra in (("default", []), ("flip", ["--tta", "flip"]), ("none", ["--tta", "none"])):
+        path = tmp_path / f"{name}.png"
+        with pytest.raises(SystemExit) as done:  # typer's standalone mode exits
+            main(
+                ["infer", "--volume", str(img), "--model", str(run), "--output", str(path), *extra]
+            )
+        assert done.value.code in (0, None)
+        out[name] = np.asarray(Image.open(path))
+    assert np.array_equal(out["default"], out["flip"])
+    assert not np.array_equal(out["none"], out["flip"])  # the check can tell them apart

@@ -9,8 +9,8 @@ from medseg.sampling import (
     SamplingConfig,
     batch_rng,
     crop_label,
+    foreground_slots,
     input_box,
-    is_foreground_slot,
     output_box,
     read_region,
 )
@@ -45,6 +45,7 @@ def test_read_region_reads_only_the_needed_slab(tmp_path) -> None:
 
     class Spy:
         shape = mm.shape
+        dtype = mm.dtype
         asked: list = []
 
         def __getitem__(self, key):
@@ -101,10 +102,14 @@ def test_foreground_patches_contain_a_voxel_of_every_rare_class_equally_often() 
 
 
 def test_foreground_slots_follow_fraction() -> None:
-    assert [is_foreground_slot(i, 3, 1 / 3) for i in range(3)] == [False, False, True]
-    assert [is_foreground_slot(i, 2, 1 / 3) for i in range(2)] == [False, True]
-    assert not any(is_foreground_slot(i, 4, 0.0) for i in range(4))
-    assert all(is_foreground_slot(i, 4, 1.0) for i in range(4))
+    rng = np.random.default_rng(0)
+    assert foreground_slots(3, 1 / 3, rng) == [False, False, True]
+    assert foreground_slots(2, 1 / 3, rng) == [False, True]
+    assert not any(foreground_slots(4, 0.0, rng))
+    assert all(foreground_slots(4, 1.0, rng))
+    # batch of one: forced with probability 1/3, not always
+    share = np.mean([foreground_slots(1, 1 / 3, rng)[0] for _ in range(3000)])
+    assert 0.3 < share < 0.37
 
 
 def test_crop_label_ignores_voxels_outside_the_scan() -> None:

@@ -99,3 +99,20 @@ def test_batch_size_respects_budget() -> None:
     assert tiling.choose_batch_size((20, 20, 20), NET, 3 * per + 1, 100) == 3
     assert tiling.choose_batch_size((20, 20, 20), NET, 1, 100) == 1
     assert tiling.choose_batch_size((20, 20, 20), NET, 100 * per, 2) == 2
+
+
+def test_balance_tile_size_keeps_tile_count_and_shrinks_margin_work() -> None:
+    shape = (192, 192, 160)
+    big = (180, 180, 164)  # valid for depth 4; two tiles along the first two axes
+    bal = tiling.balance_tile_size(shape, big, 4)
+    assert all(shapes.is_valid_output(s, 4) for s in bal)
+    assert all(b <= s for b, s in zip(bal, big, strict=True))
+    step = shapes.lattice(4)
+    for n, b, s in zip(shape, bal, big, strict=True):
+        assert len(tiling.axis_tiles(n, b, step)) == len(tiling.axis_tiles(n, s, step))
+    assert bal[:2] == (100, 100) and bal[2] == 164  # 2 x 100 covers 192; 164 is one tile
+    m = shapes.margin(4)
+    work = [
+        len(tiling.plan_tiles(shape, t, step)) * np.prod([s + 2 * m for s in t]) for t in (big, bal)
+    ]
+    assert work[1] < work[0]

@@ -218,6 +218,26 @@ def test_fold_all_trains_on_every_case_without_validation(prep: Path, tmp_path: 
     assert res.best_dice is None and (out / "model.pt").is_file()
 
 
+def test_fold_manifest_uses_the_manifests_own_split(prep: Path, tmp_path: Path) -> None:
+    from medseg.train import manifest_split
+
+    cases = [
+        {"case_id": f"case{i}", "images": [f"x/{i}.png"], "label": f"y/{i}.png",
+         "split": "val" if i == 3 else ("test" if i == 4 else "train")}
+        for i in range(5)
+    ]  # fmt: skip
+    m = tmp_path / "m.json"
+    m.write_text(json.dumps({"name": "s", "channels": ["x"], "labels": {"0": "bg", "255": "disc"},
+                             "cases": cases}))  # fmt: skip
+    pipe = Pipeline(name="s", manifest=m, prep_dir=prep, train=_pipeline(prep).train)
+    ids = [f"case{i}" for i in range(5)]
+    assert manifest_split(pipe, ids) == (["case0", "case1", "case2"], ["case3"])
+    res = train(pipe, tmp_path / "r", fold="manifest", epochs=1, device="cpu", progress=False)
+    info = json.loads((tmp_path / "r" / "training.json").read_text())
+    assert info["val_cases"] == ["case3"] and info["train_cases"] == ids[:3]
+    assert res.best_dice is not None
+
+
 def test_weighted_loss_trains_on_the_cached_weight_maps(prep: Path, tmp_path: Path) -> None:
     res = train(
         _pipeline(prep, loss="weighted_ce"), tmp_path / "w", epochs=1, device="cpu", progress=False

@@ -91,3 +91,29 @@ def test_network_kwargs_rebuild_same_architecture() -> None:
         k: v.shape for k, v in again.state_dict().items()
     }
     assert again.margin == shapes.margin(3, 1)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fold_batch_norm_matches_eval_batch_norm(dims: int) -> None:
+    from medseg.model.unet import fold_batch_norm
+
+    torch.manual_seed(0)
+    net = UNet(dims, 2, 3, depth=2, base_channels=4)
+    for m in net.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    net.eval()
+    folded = fold_batch_norm(net)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) for m in folded.modules())
+    assert any(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) for m in net.modules())
+    x = torch.randn(1, 2, *(shapes.input_size(8, 2),) * dims)
+    with torch.no_grad():
+        ref, got = net(x), folded(x)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norm(net.train())

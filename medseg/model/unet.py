@@ -18,6 +18,8 @@ Tensors are ``(N, C, I, J)`` (2D) or ``(N, C, I, J, K)`` (3D).
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from typing import Any
 
@@ -185,3 +187,33 @@ class UNet(nn.Module):
             skip = _center_crop(skips.pop(), tuple(x.shape[2:]))
             x = block(torch.cat([skip, x], dim=1))
         return self.head(x)
+
+
+def fold_batch_norm(model: UNet) -> UNet:
+    """An inference copy of ``model`` with every eval-mode batch norm folded into the
+    convolution before it (``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma /
+    sqrt(var + eps) + beta``), so a block is convolution + ReLU and skips one full pass over
+    its activations. The same per-voxel affine map as batch norm in eval mode, so tiling
+    stays exact; results differ from ``model`` only by float32 rounding (about 1e-6
+    relative). ``model`` is left untouched; ``ValueError`` if it is in training mode.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fold_batch_norm needs a model in eval mode (batch-norm statistics)")
+    folded = copy.deepcopy(model)
+    for block in itertools.chain(folded.down, [folded.bottom], folded.decode):
+        layers = list(block.children())
+        out: list[nn.Module] = []
+        for layer in layers:
+            if isinstance(layer, (nn.BatchNorm2d, nn.BatchNorm3d)) and out:
+                conv = out.pop()
+                assert isinstance(conv, (nn.Conv2d, nn.Conv3d))
+                out.append(fuse_conv_bn_eval(conv, layer))
+            else:
+                out.append(layer)
+        for name in list(block._modules):
+            del block._modules[name]
+        for i, layer in enumerate(out):
+            block.add_module(str(i), layer)
+    return folded.eval()

@@ -163,6 +163,12 @@ def load_pair(
     ref = _read_label(pair.ref)
     pred = _read_label(pair.pred)
     if not pred.grid.allclose(ref.grid, GRID_ATOL_MM):
+        # Same voxels in another axis order (e.g. a DICOM stack read bottom-up): a lossless
+        # permutation/flip, not a resampling.
+        reordered = pred.reoriented(ref.grid.orientation)
+        if reordered.grid.allclose(ref.grid, GRID_ATOL_MM):
+            pred = reordered
+    if not pred.grid.allclose(ref.grid, GRID_ATOL_MM):
         if resample_pred:
             from medseg.preprocess.resample import resample
 

@@ -45,6 +45,7 @@ def box_strip_png(values: dict[str, list[float]], metric: str, unit: str = "") -
     )
     ax.set_title(f"{metric}{' [' + unit + ']' if unit else ''}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    ax.ticklabel_format(axis="y", useOffset=False)  # constant metrics read as values
     return _png(plt, fig)
 
 
