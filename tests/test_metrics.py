@@ -154,6 +154,122 @@ def test_hd95_equals_monai_for_large_far_apart_surfaces():
     assert M.hausdorff_distance(pred, ref, spacing, 95) == pytest.approx(hd95, abs=1e-6, rel=0)
 
 
+def _far_apart_pair(seed):
+    """Two smooth blobs ~5k boundary voxels each, most boundary points beyond the local search.
+
+    Ellipsoids of different radii with a smooth random radius modulation: the surfaces lie
+    a few millimetres apart almost everywhere (like benchmarks/bench_metrics.py's smooth case).
+    """
+    rng = np.random.default_rng(seed)
+    shape = (56, 56, 30)
+    g = np.indices(shape, dtype=np.float64)
+    centre = np.array(shape) / 2
+
+    def blob(radii, shift):
+        r2 = sum(((g[i] - centre[i] - shift[i]) / radii[i]) ** 2 for i in range(3))
+        noise = ndimage.gaussian_filter(rng.standard_normal(shape), 4)
+        return np.sqrt(r2) + 0.03 * noise / noise.std() < 1.0
+
+    return blob((22, 21, 11), (0, 0, 0)), blob((18, 19, 9), tuple(rng.integers(-2, 3, 3)))
+
+
+@pytest.fixture
+def small_probe(monkeypatch):
+    """Probe from 1000 boundary points (not 4096): small test shapes take the paths of big scans."""
+    monkeypatch.setattr(M, "_PROBE_POINTS", 1000)
+
+
+def _full_hausdorff(pred, ref, spacing, percentile):
+    """Every boundary distance measured (the path all_metrics takes), then the percentile."""
+    return M.boundary_distances(pred, ref, spacing).hausdorff(percentile)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hd95_selection_equals_full_computation_and_monai_when_most_points_are_far(
+    seed, small_probe
+):
+    pred, ref = _far_apart_pair(seed)
+    spacing = (0.8, 0.8, 2.5)
+    bd = M.boundary_distances(pred, ref, spacing)
+    radius = 4 * min(spacing)  # the local search radius
+    # the premise: many points beyond the local search, and enough to take the sampled path
+    assert bd.ref_to_pred.size > 1000 and np.mean(bd.ref_to_pred > radius) > 0.3
+    hd, hd95, _ = _monai(pred, ref, spacing)
+    assert M.hausdorff_distance(pred, ref, spacing, 95) == bd.hausdorff(95)
+    assert M.hausdorff_distance(pred, ref, spacing, 95) == pytest.approx(hd95, abs=1e-6, rel=0)
+    assert M.hausdorff_distance(pred, ref, spacing) == bd.hausdorff(None)
+    assert M.hausdorff_distance(pred, ref, spacing) == pytest.approx(hd, abs=1e-6, rel=0)
+
+
+@pytest.mark.parametrize("percentile", [1, 5, 30, 50, 75, 90, 99, 99.9, 100])
+def test_every_percentile_by_selection_equals_full_computation(percentile, small_probe):
+    # low ranks (answered by the local search), middle ones (local search, then selection
+    # among the points left) and high ones (selection among all points)
+    pred, ref = _far_apart_pair(7)
+    spacing = (0.8, 0.8, 2.5)
+    for p, r in ((pred, ref), (ref, pred)):
+        expected = _full_hausdorff(p, r, spacing, percentile)
+        assert M.hausdorff_distance(p, r, spacing, percentile) == expected
+
+
+def test_selection_falls_back_to_measuring_everything_when_the_sample_misleads(
+    monkeypatch, small_probe
+):
+    # a negative margin puts the thresholds on the wrong side of the wanted ranks on purpose:
+    # the check must notice and the answer must still be exact
+    pred, ref = _far_apart_pair(1)
+    spacing = (0.8, 0.8, 2.5)
+    expected = {q: _full_hausdorff(pred, ref, spacing, q) for q in (95, None)}
+    calls = []
+    nearest = M._Surface.nearest
+
+    def counting(self, q):
+        calls.append(len(q))
+        return nearest(self, q)
+
+    monkeypatch.setattr(M._Surface, "nearest", counting)
+    monkeypatch.setattr(M, "_SAMPLE_MARGIN", -40.0)
+    assert M.hausdorff_distance(pred, ref, spacing, 95) == expected[95]
+    assert M.hausdorff_distance(pred, ref, spacing) == expected[None]
+    n_ref = int(M._face_boundary(np.pad(ref, 1)).sum())
+    assert n_ref in calls  # the fallback measured every boundary point of one direction
+
+
+def test_hd95_rank_just_past_the_local_search_equals_monai(small_probe):
+    # a good segmentation: the 95th percentile lies just beyond the local search radius, the
+    # case the extended search answers without a KD-tree
+    ref = _sphere((50, 50, 30), (25, 25, 15), 19)
+    pred = ndimage.binary_dilation(ref, iterations=2) & ~_sphere((50, 50, 30), (36, 25, 15), 6)
+    spacing = (0.8, 0.8, 2.5)
+    hd, hd95, _ = _monai(pred, ref, spacing)
+    assert M.hausdorff_distance(pred, ref, spacing, 95) == pytest.approx(hd95, abs=1e-6, rel=0)
+    assert M.hausdorff_distance(pred, ref, spacing, 95) == _full_hausdorff(pred, ref, spacing, 95)
+    assert M.hausdorff_distance(pred, ref, spacing) == pytest.approx(hd, abs=1e-6, rel=0)
+
+
+def test_bounding_box_of_both_masks_matches_nonzero_extents():
+    rng = np.random.default_rng(4)
+    for shape in ((7,), (9, 5), (6, 8, 10), (3, 4, 5, 6)):
+        p = rng.random(shape) > 0.97
+        r = np.zeros(shape, bool)
+        r[(shape[0] - 1,) + (0,) * (len(shape) - 1)] = True
+        both = np.argwhere(p | r)
+        expected = tuple(
+            slice(int(lo), int(hi) + 1) for lo, hi in zip(both.min(0), both.max(0), strict=True)
+        )
+        assert M._union_bbox(p, r) == expected
+    assert M._union_bbox(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) is None
+
+
+def test_face_boundary_equals_mask_minus_scipy_erosion():
+    rng = np.random.default_rng(6)
+    for shape in ((30,), (12, 17), (9, 11, 13), (5, 6, 7, 4)):
+        m = np.pad(_blob(rng, shape, 1.0), 1)
+        structure = ndimage.generate_binary_structure(m.ndim, 1)
+        expected = m & ~ndimage.binary_erosion(m, structure, border_value=0)
+        assert np.array_equal(M._face_boundary(m), expected)
+
+
 def test_masks_touching_the_array_border_match_monai():
     rng = np.random.default_rng(5)
     pred = _blob(rng, (14, 15, 9), 1.0)

@@ -141,6 +141,7 @@ def test_isbi_pipeline_uses_the_unet_paper_ingredients() -> None:
     pipe = _pipeline("isbi2012")
     bw = pipe.preprocess["border_weights"]
     assert (bw["w0"], bw["sigma"], bw["instances"]) == (10.0, 5.0, "components")
+    assert bw["class_balance"] is False
     assert pipe.train["loss"] in ("weighted_ce", "dice_weighted_ce")
     assert pipe.train["augment"]["p_elastic"] > 0
     assert pipe.infer["tta"] == "flip"
@@ -275,3 +276,21 @@ def test_infer_defaults_to_the_run_pipeline_tta(tmp_path: Path, rng: np.random.G
         out[name] = np.asarray(Image.open(path))
     assert np.array_equal(out["default"], out["flip"])
     assert not np.array_equal(out["none"], out["flip"])  # the check can tell them apart
+
+
+def test_border_weights_without_class_balance_weigh_only_the_gaps() -> None:
+    """``class_balance=False``: w = 1 in the cells and far from them, 1 + w0 * exp(...) in the
+    membrane between two cells; ignored voxels 0."""
+    from medseg.preprocess.weights import border_weights
+
+    classes = np.zeros((30, 30, 1), dtype=np.int16)
+    classes[2:28, 2:14] = 1
+    classes[2:28, 16:28] = 1  # a 2-voxel membrane between two cells
+    classes[0, 0] = -1
+    w = border_weights(classes, w0=10.0, sigma=5.0, class_balance=False)
+    assert w[0, 0, 0] == 0.0
+    assert np.all(w[classes == 1] == 1.0)
+    # gap voxel (15, 14): 1 voxel from the left cell, 2 from the right one: d1 + d2 = 3
+    assert w[15, 14, 0] == pytest.approx(1.0 + 10.0 * np.exp(-(3.0**2) / (2 * 5.0**2)), rel=1e-5)
+    balanced = border_weights(classes, w0=10.0, sigma=5.0)
+    assert balanced[5, 5, 0] != pytest.approx(1.0)  # the default keeps the paper's w_c

@@ -29,7 +29,7 @@ from medseg.preprocess.fingerprint import (
 from medseg.preprocess.plan import MEMORY_BUDGET_GB, Plan, make_plan
 
 _OPTIONS = {"workers", "memory_budget_gb", "border_weights", "fingerprint_samples"}
-_BORDER_KEYS = {"w0", "sigma", "instances"}
+_BORDER_KEYS = {"w0", "sigma", "instances", "class_balance"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Options:
         if bw is not None:
             if not isinstance(bw, dict) or set(bw) - _BORDER_KEYS:
                 raise PlanError(f"{source}: border_weights takes {sorted(_BORDER_KEYS)}")
-            bw = {"w0": 10.0, "sigma": 5.0, "instances": "components", **bw}
+            bw = {"w0": 10.0, "sigma": 5.0, "instances": "components", "class_balance": True, **bw}
             if bw["instances"] not in ("components", "label"):
                 raise PlanError(f"{source}: border_weights.instances must be components or label")
         return cls(
@@ -133,7 +133,13 @@ def _preprocess_job(
         locations = cache.sample_locations(lab[0], plan.num_classes, case.case_id)
         if border is not None:
             inst = prepare_instances(inst_vol, prepared.record) if inst_vol is not None else None
-            weights = border_weights(lab[0], inst, w0=border["w0"], sigma=border["sigma"])[None]
+            weights = border_weights(
+                lab[0],
+                inst,
+                w0=border["w0"],
+                sigma=border["sigma"],
+                class_balance=bool(border.get("class_balance", True)),
+            )[None]
     cache.write_case(
         prep_dir,
         case.case_id,
