@@ -29,6 +29,7 @@ from torch import nn
 
 from medseg import tiling
 from medseg.errors import CohortError, MedsegError, ModelError, PlanError, ReadError, WriteError
+from medseg.io import split_suffix
 from medseg.preprocess.plan import Plan
 from medseg.volume import Volume
 
@@ -577,17 +578,6 @@ def infer_case(
 # ---------------------------------------------------------------------------------------------
 _WRITABLE = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
-
-
-def split_suffix(path: Path) -> tuple[str, str]:
-    """``("case", ".nii.gz")`` for ``case.nii.gz``; DICOM folders have suffix ``""``."""
-    name = path.name
-    if path.is_dir():
-        return name, ""
-    for double in (".nii.gz",):
-        if name.lower().endswith(double):
-            return name[: -len(double)], name[-len(double) :]
-    return path.stem, path.suffix
 
 
 def output_suffix(first_input: Path, suffix: str | None = None) -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg.errors import ManifestError, MedsegError
+from medseg.io import VOLUME_SUFFIXES, split_suffix
 
 if TYPE_CHECKING:
     from medseg.volume import Volume
@@ -48,22 +49,6 @@ GRID_TOLERANCE_MM = 1e-3
 _TOP_KEYS = {"name", "channels", "modalities", "labels", "regions", "cases", "data_root"}
 _TOP_KEYS |= {"description"}
 _CASE_KEYS = {"case_id", "images", "label", "split", "extras", "sha256"}
-_VOLUME_SUFFIXES = (
-    ".nii.gz",
-    ".nii",
-    ".nrrd",
-    ".nhdr",
-    ".mha",
-    ".mhd",
-    ".png",
-    ".tif",
-    ".tiff",
-    ".gif",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".dcm",
-)
 
 
 @dataclass(frozen=True)
@@ -454,11 +439,7 @@ def assign_splits(case_ids: Sequence[str], val_fraction: float) -> dict[str, str
 
 def strip_suffix(name: str) -> str:
     """File name without its volume suffix (``case_1.nii.gz`` -> ``case_1``)."""
-    low = name.lower()
-    for s in _VOLUME_SUFFIXES:
-        if low.endswith(s):
-            return name[: -len(s)]
-    return Path(name).stem
+    return split_suffix(name)[0]
 
 
 def modality_category(name: str) -> str:
@@ -659,7 +640,7 @@ def import_folders(
             if (
                 f.is_file()
                 and not f.name.startswith(".")
-                and f.name.lower().endswith(_VOLUME_SUFFIXES)
+                and f.name.lower().endswith(VOLUME_SUFFIXES)
             ):
                 stem = strip_suffix(f.name)
                 if stem in out:

@@ -347,3 +347,16 @@ def test_truncated_png_raises_read_error(data_root: Path, tmp_path: Path) -> Non
     (tmp_path / "t.png").write_bytes(data[: len(data) // 3])
     with pytest.raises(ReadError, match="t.png"):
         read_volume(tmp_path / "t.png")
+
+
+def test_split_suffix_gives_case_ids_for_every_volume_format(tmp_path: Path) -> None:
+    from medseg.io import split_suffix
+
+    assert split_suffix("a/case_01.nii.gz") == ("case_01", ".nii.gz")
+    assert split_suffix("case_01.nii") == ("case_01", ".nii")
+    assert split_suffix("x.NRRD") == ("x", ".NRRD")
+    assert split_suffix("img.v2.png") == ("img.v2", ".png")
+    assert split_suffix("notes.txt") == ("notes", ".txt")
+    series = tmp_path / "series.1"
+    series.mkdir()
+    assert split_suffix(series) == ("series.1", "")  # a DICOM folder keeps its whole name

@@ -18,6 +18,22 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE2D_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+#: Every suffix a volume file may carry, longest first where one ends another.
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES[::-1], *ITK_SUFFIXES, *IMAGE2D_SUFFIXES, *DICOM_SUFFIXES)
+
+
+def split_suffix(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """``("case_01", ".nii.gz")`` for ``case_01.nii.gz``: the name without its volume suffix,
+    which is how medseg derives case ids from file names. A folder (a DICOM series) has suffix
+    ``""``; an unknown suffix is split as ``pathlib`` does."""
+    p = Path(path)
+    if p.is_dir():
+        return p.name, ""
+    low = p.name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if low.endswith(suffix) and len(p.name) > len(suffix):
+            return p.name[: -len(suffix)], p.name[-len(suffix) :]
+    return p.stem, p.suffix
 
 
 def volume_format(path: str | os.PathLike[str]) -> str:

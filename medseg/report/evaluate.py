@@ -26,25 +26,9 @@ import numpy as np
 
 from medseg.atomic import write_json, write_text
 from medseg.errors import GeometryError, MedsegError, ReadError
+from medseg.io import VOLUME_SUFFIXES, split_suffix
 from medseg.metrics import METRIC_NAMES, label_metrics
 
-#: Suffixes stripped from file names to get case ids (longest first).
-VOLUME_SUFFIXES = (
-    ".nii.gz",
-    ".nii",
-    ".nrrd",
-    ".nhdr",
-    ".mha",
-    ".mhd",
-    ".png",
-    ".tiff",
-    ".tif",
-    ".gif",
-    ".bmp",
-    ".jpeg",
-    ".jpg",
-    ".dcm",
-)
 #: Two grids "agree" when their corner voxel centres are this close (mm).
 GRID_ATOL_MM = 1e-2
 DISTANCE_METRICS = ("hd", "hd95", "assd")
@@ -52,12 +36,7 @@ DISTANCE_METRICS = ("hd", "hd95", "assd")
 
 def case_id_of(path: Path) -> str:
     """File name without its volume suffix (``case_001.nii.gz`` -> ``case_001``)."""
-    name = path.name
-    low = name.lower()
-    for suf in VOLUME_SUFFIXES:
-        if low.endswith(suf):
-            return name[: -len(suf)]
-    return name
+    return split_suffix(path)[0]
 
 
 @dataclass(frozen=True)
