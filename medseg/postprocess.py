@@ -203,21 +203,26 @@ def decide_postprocessing(
         )
         return ok, cand, table
 
+    def accept(
+        step: dict[str, Any], decision: dict[str, Any], cand: list[np.ndarray], table: np.ndarray
+    ) -> None:
+        """Keep ``step``: later trials start from its predictions and Dice table."""
+        nonlocal current, base
+        steps.append(step)
+        decision["applied"] = True
+        current, base = cand, table
+
     fg_classes = list(range(1, num_classes))
     if fg_classes and current:
         step: dict[str, Any] = {"op": "largest_component_foreground", "connectivity": connectivity}
         ok, cand, table = trial(step, fg_classes)
         if ok:
-            steps.append(step)
-            decisions[-1]["applied"] = True
-            current, base = cand, table
+            accept(step, decisions[-1], cand, table)
         for c in fg_classes:
             step = {"op": "largest_component", "classes": [c], "connectivity": connectivity}
             ok, cand, table = trial(step, [c])
             if ok:
-                steps.append(step)
-                decisions[-1]["applied"] = True
-                current, base = cand, table
+                accept(step, decisions[-1], cand, table)
                 continue
             smallest = _smallest_component_mm3(refs, spacings, c, connectivity)
             best: tuple[float, dict[str, Any], list[np.ndarray], np.ndarray] | None = None
@@ -234,16 +239,12 @@ def decide_postprocessing(
                 if ok and (best is None or table[:, c - 1].mean() > best[0]):
                     best = (float(table[:, c - 1].mean()), decisions[-1], cand, table)
             if best is not None:
-                best[1]["applied"] = True
-                steps.append({k: best[1][k] for k in step})
-                current, base = best[2], best[3]
+                accept({k: best[1][k] for k in step}, best[1], best[2], best[3])
         for c in fg_classes:
             step = {"op": "fill_holes", "classes": [c], "connectivity": connectivity}
             ok, cand, table = trial(step, [c])
             if ok:
-                steps.append(step)
-                decisions[-1]["applied"] = True
-                current, base = cand, table
+                accept(step, decisions[-1], cand, table)
     return {
         "format": FORMAT,
         "version": VERSION,
