@@ -1,6 +1,6 @@
-"""Postprocessing of class-index maps and the validation-driven choice of which steps to apply.
+"""Postprocessing of segmentations and the validation-driven choice of which steps to apply.
 
-Steps (any array dimension, spacing in mm per array axis):
+Steps on class-index maps (any array dimension, spacing in mm per array axis):
 
 - ``largest_component_foreground``: keep the largest connected component of all foreground
   classes together; everything else becomes background (class 0).
@@ -8,16 +8,32 @@ Steps (any array dimension, spacing in mm per array axis):
 - ``remove_small``: per class, remove components smaller than ``min_volume_mm3``.
 - ``fill_holes``: per class, turn background voxels enclosed by the class into the class.
 
-Like nnU-Net (Isensee et al. 2021, Nat. Methods 18:203), training decides which steps help:
-:func:`decide_postprocessing` tries each on the validation predictions and keeps it only if the
-mean validation Dice of the affected class improves and the mean over all classes does not
-decrease. The result is the content of ``postprocessing.json``::
+Steps on the probability map of a two-class problem (they replace the argmax, so they come
+first; ``medseg infer`` then keeps the probabilities of the case until they have run):
 
-    {"format": "medseg-postprocessing", "version": 1,
+- ``threshold``: class 1 where its probability exceeds ``value`` instead of 0.5. Thin or faint
+  structures (retinal vessels) are often best cut below 0.5; the cut is chosen on validation.
+- ``watershed_split``: the objects of class 1 are seeded by the components of ``p > seed``
+  (face-connected components under ``min_seed_mm3`` dropped) and flooded over ``1 - p`` until
+  they meet; class 0 becomes the one-voxel watershed lines between them (objects are
+  face-connected and never face neighbours of each other). For
+  data where objects tile the image and only their separation matters, such as the cells of
+  EM membrane stacks scored by the adapted Rand error (ISBI 2012, Arganda-Carreras et al.
+  2015, Front. Neuroanat. 9:142); seeded watershed on a boundary map is the classic
+  postprocessing of that challenge's entries (e.g. Beier et al. 2017, Nat. Methods 14:101).
+
+Like nnU-Net (Isensee et al. 2021, Nat. Methods 18:203), training decides which steps help:
+:func:`decide_postprocessing` tries each on the validation predictions and keeps it only if
+the validation score of the affected class improves and the mean over all classes does not
+decrease. The score is the per-case Dice (``metric = "dice"``) or, for object separation,
+``1 - adapted Rand error`` of the face-connected components of the class (``"rand"``). The
+result is the content of ``postprocessing.json``::
+
+    {"format": "medseg-postprocessing", "version": 2, "metric": "dice",
      "steps": [{"op": "largest_component", "classes": [1], "connectivity": "face"}, ...],
-     "decisions": [{"op": ..., "classes": [...], "dice_before": ..., "dice_after": ...,
+     "decisions": [{"op": ..., "classes": [...], "before": ..., "after": ...,
                     "applied": true, ...}, ...],
-     "n_cases": 20, "metric": "dice"}
+     "n_cases": 20}
 
 ``steps`` is what :func:`apply_postprocessing` (run by ``medseg infer``) executes in order;
 ``decisions`` records the validation numbers behind every step tried, applied or not.
@@ -35,15 +51,23 @@ from scipy import ndimage
 from medseg.errors import PlanError
 
 FORMAT = "medseg-postprocessing"
-VERSION = 1
-OPS = ("largest_component_foreground", "largest_component", "remove_small", "fill_holes")
+VERSION = 2
+CLASS_OPS = ("largest_component_foreground", "largest_component", "remove_small", "fill_holes")
+PROBABILITY_OPS = ("threshold", "watershed_split")
+OPS = CLASS_OPS + PROBABILITY_OPS
+METRICS = ("dice", "rand")
 #: Minimum component volumes tried by :func:`decide_postprocessing` (mm^3).
 SMALL_VOLUMES_MM3 = (10.0, 100.0, 1000.0)
+#: Probability cuts tried for ``threshold`` (0.5 is the argmax itself).
+THRESHOLDS = (0.2, 0.3, 0.35, 0.4, 0.45, 0.55, 0.6, 0.65, 0.7, 0.8)
+#: Seed probabilities and minimum seed sizes (mm^3) tried for ``watershed_split``.
+SEED_THRESHOLDS = (0.5, 0.7, 0.85, 0.95)
+SEED_VOLUMES_MM3 = (0.0, 20.0, 100.0)
 
 
 def empty_config() -> dict[str, Any]:
     """A postprocessing config that changes nothing."""
-    return {"format": FORMAT, "version": VERSION, "steps": [], "decisions": []}
+    return {"format": FORMAT, "version": VERSION, "metric": "dice", "steps": [], "decisions": []}
 
 
 def _structure(ndim: int, connectivity: str) -> np.ndarray:
@@ -84,6 +108,36 @@ def fill_holes(mask: np.ndarray, connectivity: str = "face") -> np.ndarray:
     return ndimage.binary_fill_holes(mask, structure=_structure(mask.ndim, connectivity))
 
 
+def threshold(probability: np.ndarray, value: float) -> np.ndarray:
+    """Mask of the voxels whose probability exceeds ``value`` (0 < value < 1)."""
+    return np.asarray(probability) > value
+
+
+def watershed_split(
+    probability: np.ndarray,
+    spacing_mm: Sequence[float],
+    seed: float,
+    min_seed_mm3: float = 0.0,
+) -> np.ndarray:
+    """Mask of the objects grown from the seeds ``probability > seed`` over ``1 - probability``
+    until they meet: everything except the one-voxel watershed lines between them.
+
+    Seeds are the face-connected components of the seed mask at least ``min_seed_mm3`` large.
+    Flooding and lines use face connectivity, so voxels of two different objects are never
+    face neighbours: labelling the mask never joins two seeds. (A one-voxel line cannot
+    separate objects under full connectivity, which leaks diagonally.) No seed: all False.
+    """
+    from skimage.segmentation import watershed
+
+    p = np.asarray(probability, dtype=np.float32)
+    seeds = remove_small(p > seed, spacing_mm, min_seed_mm3, "face")
+    markers, n = ndimage.label(seeds, structure=_structure(p.ndim, "face"))
+    if n == 0:
+        return np.zeros(p.shape, bool)
+    basins = watershed(1.0 - p, markers=markers, connectivity=1, watershed_line=True)
+    return basins > 0
+
+
 def _check_step(step: dict[str, Any]) -> None:
     op = step.get("op")
     if op not in OPS:
@@ -92,16 +146,49 @@ def _check_step(step: dict[str, Any]) -> None:
         raise PlanError(f"postprocessing step {step!r} needs a non-empty 'classes' list")
     if op == "remove_small" and not float(step.get("min_volume_mm3", -1)) >= 0:
         raise PlanError(f"postprocessing step {step!r} needs 'min_volume_mm3' >= 0")
+    if op in PROBABILITY_OPS and list(step["classes"]) != [1]:
+        raise PlanError(f"postprocessing step {step!r}: {op} is for two-class maps, classes [1]")
+    if op == "threshold" and not 0.0 < float(step.get("value", -1)) < 1.0:
+        raise PlanError(f"postprocessing step {step!r} needs 0 < 'value' < 1")
+    if op == "watershed_split" and not 0.0 <= float(step.get("seed", -1)) < 1.0:
+        raise PlanError(f"postprocessing step {step!r} needs 0 <= 'seed' < 1")
+    if op == "watershed_split" and step.get("connectivity", "face") != "face":
+        raise PlanError(f"postprocessing step {step!r}: watershed lines are face-connected only")
+
+
+def needs_probabilities(config: dict[str, Any] | None) -> bool:
+    """Whether ``apply_postprocessing`` needs the class probabilities for this config."""
+    steps = (config or {}).get("steps", [])
+    return any(s.get("op") in PROBABILITY_OPS for s in steps)
 
 
 def apply_step(
-    classes: np.ndarray, spacing_mm: Sequence[float], step: dict[str, Any]
+    classes: np.ndarray,
+    spacing_mm: Sequence[float],
+    step: dict[str, Any],
+    probabilities: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Apply one step to a class-index map (returns a new array)."""
+    """Apply one step to a class-index map (returns a new array). ``probabilities``
+    ``(classes, *classes.shape)`` are needed by the probability steps (two classes)."""
     _check_step(step)
     conn = str(step.get("connectivity", "face"))
-    out = classes.copy()
     op = step["op"]
+    if op in PROBABILITY_OPS:
+        if probabilities is None or probabilities.shape != (2, *classes.shape):
+            got = None if probabilities is None else probabilities.shape
+            raise PlanError(
+                f"postprocessing step {op} needs the two class probabilities of shape "
+                f"{(2, *classes.shape)}, got {got}"
+            )
+        p1 = probabilities[1]
+        if op == "threshold":
+            mask = threshold(p1, float(step["value"]))
+        else:
+            mask = watershed_split(
+                p1, spacing_mm, float(step["seed"]), float(step.get("min_seed_mm3", 0.0))
+            )
+        return mask.astype(classes.dtype)
+    out = classes.copy()
     if op == "largest_component_foreground":
         fg = classes > 0
         out[fg & ~keep_largest(fg, conn)] = 0
@@ -118,12 +205,17 @@ def apply_step(
 
 
 def apply_postprocessing(
-    classes: np.ndarray, spacing_mm: Sequence[float], config: dict[str, Any] | None
+    classes: np.ndarray,
+    spacing_mm: Sequence[float],
+    config: dict[str, Any] | None,
+    probabilities: np.ndarray | None = None,
 ) -> np.ndarray:
     """Run the ``steps`` of a ``postprocessing.json`` config on a class-index map.
 
     ``classes`` holds class indices (0 = background) on a grid of ``spacing_mm`` (one value per
-    array axis, mm). ``None`` or an empty config returns the map unchanged.
+    array axis, mm); ``probabilities`` ``(classes, *classes.shape)`` on the same grid are needed
+    only when :func:`needs_probabilities` says so. ``None`` or an empty config returns the map
+    unchanged.
     """
     if not config:
         return classes
@@ -137,21 +229,24 @@ def apply_postprocessing(
         raise PlanError(f"spacing {tuple(spacing_mm)} does not fit a {classes.ndim}D class map")
     out = classes
     for step in config.get("steps", []):
-        out = apply_step(out, spacing_mm, step)
+        out = apply_step(out, spacing_mm, step, probabilities)
     return out
 
 
-def _dice_table(
-    preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], num_classes: int
+def _score_table(
+    preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], num_classes: int, metric: str
 ) -> np.ndarray:
-    """Dice per case and foreground class ``(cases, num_classes - 1)``; ref -1 is ignored."""
-    from medseg.metrics import dice
+    """Score per case and foreground class ``(cases, num_classes - 1)``, higher is better:
+    Dice, or ``1 - adapted Rand error`` of the class's face-connected components. Reference
+    voxels of -1 are ignored."""
+    from medseg.metrics import adapted_rand_error, dice
 
     out = np.zeros((len(preds), max(num_classes - 1, 0)))
     for i, (p, r) in enumerate(zip(preds, refs, strict=True)):
         valid = r >= 0
         for c in range(1, num_classes):
-            out[i, c - 1] = dice((p == c) & valid, (r == c) & valid)
+            pm, rm = (p == c) & valid, (r == c) & valid
+            out[i, c - 1] = dice(pm, rm) if metric == "dice" else 1.0 - adapted_rand_error(pm, rm)
     return out
 
 
@@ -161,97 +256,130 @@ def decide_postprocessing(
     spacings: Sequence[Sequence[float]],
     num_classes: int,
     connectivity: str = "face",
+    *,
+    probabilities: Sequence[np.ndarray] | None = None,
+    metric: str = "dice",
 ) -> dict[str, Any]:
-    """Choose the postprocessing steps that improve validation Dice (nnU-Net's rule).
+    """Choose the postprocessing steps that improve the validation score (nnU-Net's rule).
 
     ``preds``/``refs``: class-index maps per validation case (ref -1 = ignored voxel),
-    ``spacings``: mm per array axis for each case, ``num_classes`` including background.
-    Steps are tried greedily, each on the output of the steps kept so far: the joint
-    foreground largest component, then per class the largest component, the removal of small
-    components (thresholds :data:`SMALL_VOLUMES_MM3` below the smallest reference component of
-    that class, the best one) and hole filling. A step is kept when the mean Dice of its
-    class(es) strictly improves and the mean Dice over all classes does not decrease.
+    ``spacings``: mm per array axis for each case, ``num_classes`` including background,
+    ``probabilities``: optional ``(classes, *map.shape)`` per case (the same prediction before
+    its argmax), ``metric``: ``"dice"`` or ``"rand"`` (see the module docstring).
+    Steps are tried greedily, each on the output of the steps kept so far. With probabilities
+    of a two-class problem first the best ``threshold`` of :data:`THRESHOLDS` (and, for
+    ``"rand"``, of ``watershed_split`` over :data:`SEED_THRESHOLDS` x :data:`SEED_VOLUMES_MM3`);
+    then the joint foreground largest component, per class the largest component, the removal
+    of small components (thresholds :data:`SMALL_VOLUMES_MM3` below the smallest reference
+    component of that class, the best one) and hole filling. A step is kept when the mean
+    score of its class(es) strictly improves and the mean over all classes does not decrease.
     Returns the ``postprocessing.json`` content.
     """
+    if metric not in METRICS:
+        raise PlanError(f"postprocessing metric {metric!r} must be one of {', '.join(METRICS)}")
     if not (len(preds) == len(refs) == len(spacings)):
         raise ValueError("preds, refs and spacings must have one entry per case")
+    if probabilities is not None and len(probabilities) != len(preds):
+        raise ValueError("probabilities must have one entry per case")
     _structure(2, connectivity)
     current = [np.asarray(p) for p in preds]
     refs = [np.asarray(r) for r in refs]
-    base = _dice_table(current, refs, num_classes)
+    probs = list(probabilities) if probabilities is not None else [None] * len(current)
+    base = _score_table(current, refs, num_classes, metric)
     steps: list[dict[str, Any]] = []
     decisions: list[dict[str, Any]] = []
+    Trial = tuple[float, dict[str, Any], dict[str, Any], list[np.ndarray], np.ndarray]
 
-    def trial(step: dict[str, Any], scored: list[int]) -> tuple[bool, list[np.ndarray], np.ndarray]:
-        """Score ``step`` on the current predictions; record it as not applied (yet)."""
-        cand = [apply_step(p, s, step) for p, s in zip(current, spacings, strict=True)]
-        table = _dice_table(cand, refs, num_classes)
-        before = float(base[:, [c - 1 for c in scored]].mean()) if len(base) else 0.0
-        after = float(table[:, [c - 1 for c in scored]].mean()) if len(table) else 0.0
+    def trial(step: dict[str, Any], scored: list[int]) -> Trial | None:
+        """Score ``step`` on the current predictions and record it as not applied (yet);
+        return ``(score, step, decision, predictions, table)`` when it would be kept."""
+        cand = [apply_step(p, s, step, q) for p, s, q in zip(current, spacings, probs, strict=True)]
+        table = _score_table(cand, refs, num_classes, metric)
+        cols = [c - 1 for c in scored]
+        before = float(base[:, cols].mean()) if len(base) else 0.0
+        after = float(table[:, cols].mean()) if len(table) else 0.0
         all_before = float(base.mean()) if base.size else 0.0
         all_after = float(table.mean()) if table.size else 0.0
-        ok = after > before + 1e-12 and all_after >= all_before - 1e-12
-        decisions.append(
-            {
-                **step,
-                "dice_before": before,
-                "dice_after": after,
-                "mean_dice_all_before": all_before,
-                "mean_dice_all_after": all_after,
-                "applied": False,
-            }
-        )
-        return ok, cand, table
+        decision = {
+            **step,
+            "before": before,
+            "after": after,
+            "mean_all_before": all_before,
+            "mean_all_after": all_after,
+            "applied": False,
+        }
+        decisions.append(decision)
+        if after > before + 1e-12 and all_after >= all_before - 1e-12:
+            return after, step, decision, cand, table
+        return None
 
-    def accept(
-        step: dict[str, Any], decision: dict[str, Any], cand: list[np.ndarray], table: np.ndarray
-    ) -> None:
-        """Keep ``step``: later trials start from its predictions and Dice table."""
+    def keep_best(candidates: list[dict[str, Any]], scored: list[int]) -> bool:
+        """Try every candidate step; keep the best one that passes the rule (if any): later
+        trials start from its predictions and score table. True when one was kept."""
         nonlocal current, base
-        steps.append(step)
-        decision["applied"] = True
-        current, base = cand, table
+        kept = [t for t in (trial(step, scored) for step in candidates) if t is not None]
+        if kept:
+            _, step, decision, cand, table = max(kept, key=lambda t: t[0])
+            steps.append(step)
+            decision["applied"] = True
+            current, base = cand, table
+        return bool(kept)
 
     fg_classes = list(range(1, num_classes))
+    if num_classes == 2 and current and all(q is not None for q in probs):
+        for q, p in zip(probs, current, strict=True):
+            if q is None or q.shape != (2, *p.shape):
+                raise ValueError(f"probabilities of shape {(2, *p.shape)} expected")
+        cands: list[dict[str, Any]] = [
+            {"op": "threshold", "classes": [1], "value": t} for t in THRESHOLDS
+        ]
+        if metric == "rand":
+            cands += [
+                {
+                    "op": "watershed_split",
+                    "classes": [1],
+                    "seed": seed,
+                    "min_seed_mm3": vol,
+                }
+                for seed in SEED_THRESHOLDS
+                for vol in SEED_VOLUMES_MM3
+            ]
+        keep_best(cands, [1])
     if fg_classes and current:
-        step: dict[str, Any] = {"op": "largest_component_foreground", "connectivity": connectivity}
-        ok, cand, table = trial(step, fg_classes)
-        if ok:
-            accept(step, decisions[-1], cand, table)
+        keep_best(
+            [{"op": "largest_component_foreground", "connectivity": connectivity}], fg_classes
+        )
         for c in fg_classes:
-            step = {"op": "largest_component", "classes": [c], "connectivity": connectivity}
-            ok, cand, table = trial(step, [c])
-            if ok:
-                accept(step, decisions[-1], cand, table)
+            step: dict[str, Any] = {
+                "op": "largest_component",
+                "classes": [c],
+                "connectivity": connectivity,
+            }
+            if keep_best([step], [c]):
                 continue
             smallest = _smallest_component_mm3(refs, spacings, c, connectivity)
-            best: tuple[float, dict[str, Any], list[np.ndarray], np.ndarray] | None = None
-            for vol in SMALL_VOLUMES_MM3:
-                if vol >= smallest:
-                    break
-                step = {
-                    "op": "remove_small",
-                    "classes": [c],
-                    "min_volume_mm3": vol,
-                    "connectivity": connectivity,
-                }
-                ok, cand, table = trial(step, [c])
-                if ok and (best is None or table[:, c - 1].mean() > best[0]):
-                    best = (float(table[:, c - 1].mean()), decisions[-1], cand, table)
-            if best is not None:
-                accept({k: best[1][k] for k in step}, best[1], best[2], best[3])
+            keep_best(
+                [
+                    {
+                        "op": "remove_small",
+                        "classes": [c],
+                        "min_volume_mm3": vol,
+                        "connectivity": connectivity,
+                    }
+                    for vol in SMALL_VOLUMES_MM3
+                    if vol < smallest
+                ],
+                [c],
+            )
         for c in fg_classes:
-            step = {"op": "fill_holes", "classes": [c], "connectivity": connectivity}
-            ok, cand, table = trial(step, [c])
-            if ok:
-                accept(step, decisions[-1], cand, table)
+            keep_best([{"op": "fill_holes", "classes": [c], "connectivity": connectivity}], [c])
     return {
         "format": FORMAT,
         "version": VERSION,
+        "metric": metric,
         "steps": steps,
         "decisions": decisions,
         "n_cases": len(preds),
-        "metric": "dice",
     }
 
 

@@ -86,6 +86,7 @@ class TrainConfig:
     select: str = "best"
     tensorboard: bool = False
     postprocess: bool = True
+    postprocess_metric: str = "dice"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -97,6 +98,11 @@ class TrainConfig:
                 raise PlanError(f"[train] {name} must be >= 1")
         if self.workers < 0:
             raise PlanError("[train] workers must be >= 0")
+        if self.postprocess_metric not in ("dice", "rand"):
+            raise PlanError(
+                f"[train] postprocess_metric {self.postprocess_metric!r} must be 'dice' or "
+                "'rand' (1 - adapted Rand error of the components of each class)"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, **overrides: Any) -> TrainConfig:
@@ -417,12 +423,13 @@ def write_log(path: Path, rows: list[dict[str, Any]], class_names: Sequence[str]
 @dataclass
 class Validation:
     """Dice of every class (mean over cases; ``mean_dice`` averages the foreground classes),
-    loss, and the predicted classes."""
+    loss, the predicted classes and, when asked for, the class probabilities."""
 
     dice: dict[str, float]
     mean_dice: float
     loss: float | None
     predictions: dict[str, np.ndarray]
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _reference(case: Any, prep_dir: Path) -> np.ndarray:
@@ -435,15 +442,17 @@ def _reference(case: Any, prep_dir: Path) -> np.ndarray:
     return np.asarray(case.label[0])
 
 
-def _predict_case(model: nn.Module, image: np.ndarray, dims: int, tile: Any) -> np.ndarray:
+def _predict_case(
+    model: nn.Module, image: np.ndarray, dims: int, tile: Any, tta: Any = None
+) -> np.ndarray:
     """Logits ``(classes, I, J, K)`` of a whole cached case (2D: slice by slice along K)."""
     from medseg.infer import predict_logits
 
     tile_size = tuple(tile) if tile is not None else None
     if dims == 3:
-        return predict_logits(model, np.asarray(image), tile_size=tile_size, prepare=True)
+        return predict_logits(model, np.asarray(image), tile_size=tile_size, tta=tta, prepare=True)
     slices = [
-        predict_logits(model, np.asarray(image[..., k]), tile_size=tile_size, prepare=True)
+        predict_logits(model, np.asarray(image[..., k]), tile_size=tile_size, tta=tta, prepare=True)
         for k in range(image.shape[-1])
     ]
     return np.stack(slices, axis=-1)
@@ -456,11 +465,16 @@ def validate(
     plan: Plan,
     loss_fn: SegmentationLoss | None,
     tile_size: Any = None,
+    *,
+    tta: str | Sequence[int] | None = None,
+    probabilities: bool = False,
 ) -> Validation:
     """Exact overlap-tile inference of each whole validation case; Dice per class.
 
-    Ignored voxels (-1) are left out of both prediction and reference.
+    Ignored voxels (-1) are left out of both prediction and reference. ``tta`` as in
+    ``medseg infer``; ``probabilities`` keeps each case's softmax (float32).
     """
+    from medseg.infer import softmax
     from medseg.metrics import dice
     from medseg.preprocess.cache import load_case
 
@@ -469,10 +483,13 @@ def validate(
     per_class: dict[str, list[float]] = {n: [] for n in plan.class_names}
     losses: list[float] = []
     preds: dict[str, np.ndarray] = {}
+    probs: dict[str, np.ndarray] = {}
     try:
         for cid in case_ids:
             case = load_case(prep_dir, cid, mmap=True)
-            logits = _predict_case(model, case.image, plan.spatial_dims, tile_size)
+            logits = _predict_case(model, case.image, plan.spatial_dims, tile_size, tta)
+            if probabilities:
+                probs[cid] = softmax(logits).astype(np.float32, copy=False)
             ref = _reference(case, prep_dir)
             cls = np.argmax(logits, axis=0).astype(np.int16)
             preds[cid] = cls.astype(np.uint8 if plan.num_classes < 256 else np.int16)
@@ -492,25 +509,34 @@ def validate(
         float(np.mean([dice_mean[n] for n in plan.class_names[1:]])),
         float(np.mean(losses)) if losses else None,
         preds,
+        probs,
     )
 
 
 def _decide_postprocessing(
-    prep_dir: Path, plan: Plan, preds: Mapping[str, np.ndarray]
+    prep_dir: Path, plan: Plan, val: Validation, metric: str = "dice"
 ) -> dict[str, Any]:
     """``medseg.postprocess.decide_postprocessing`` on the validation predictions (class
-    indices on the preprocessed grid, spacing in mm from each case's record)."""
+    indices and, if kept, probabilities on the preprocessed grid; spacing in mm from each
+    case's record)."""
     from medseg.postprocess import decide_postprocessing
     from medseg.preprocess.cache import load_case
 
     refs, spacings = [], []
+    preds = val.predictions
     for cid in preds:
         case = load_case(prep_dir, cid, mmap=True)
         refs.append(_reference(case, prep_dir))
         grid = getattr(case.record, "grid", None)
         spacings.append(tuple(grid.spacing) if grid is not None else (1.0, 1.0, 1.0))
+    probs = [val.probabilities[c] for c in preds] if val.probabilities else None
     return decide_postprocessing(
-        [p.astype(np.int16) for p in preds.values()], refs, spacings, plan.num_classes
+        [p.astype(np.int16) for p in preds.values()],
+        refs,
+        spacings,
+        plan.num_classes,
+        probabilities=probs,
+        metric=metric,
     )
 
 
@@ -656,8 +682,8 @@ def train(
     start_epoch, step, elapsed_before = 0, 0, 0.0
     best: float | None = None
     rows: list[dict[str, Any]] = []
-    # validation predictions of the weights in model.pt, for the postprocessing decision
-    model_preds: dict[str, np.ndarray] = {}
+    # validation of the weights in model.pt, for the postprocessing decision
+    model_val: Validation | None = None
     ckpt_path = out / CHECKPOINT_LAST
     if resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -805,13 +831,13 @@ def train(
                 row["val_dice_mean"] = round(v.mean_dice, 6)
                 row.update({f"val_dice_{k}": round(d, 6) for k, d in v.dice.items()})
                 if cfg.select == "last":
-                    model_preds = v.predictions
+                    model_val = v
                 if best is None or v.mean_dice > best:
                     best = v.mean_dice
                     state = {k: t.detach().cpu() for k, t in model.state_dict().items()}
                     save_torch(out / CHECKPOINT_BEST, state)
                     if cfg.select == "best":
-                        model_preds = v.predictions
+                        model_val = v
                         save_torch(out / "model.pt", state)
                 say(
                     f"epoch {epoch}: loss {row['train_loss']:.4f}, val Dice {v.mean_dice:.4f} "
@@ -834,14 +860,26 @@ def train(
             save_torch(out / "model.pt", {k: t.cpu() for k, t in model.state_dict().items()})
         finished = epoch >= cfg.epochs or stopped
         if finished and cfg.postprocess and val_ids:
-            if not model_preds:  # model.pt was chosen before a resume: predict with it again
+            # decide on what `medseg infer` will see: the same TTA and, for probability
+            # steps of two-class problems, the probabilities
+            tta = pipeline.infer.get("tta")
+            want_probs = plan.num_classes == 2
+            if model_val is None or tta or want_probs:
                 chosen = UNet(**plan.network).to(dev)
                 chosen.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-                model_preds = validate(
-                    chosen, prep, val_ids, plan, None, cfg.val_tile_size
-                ).predictions
+                model_val = validate(
+                    chosen,
+                    prep,
+                    val_ids,
+                    plan,
+                    None,
+                    cfg.val_tile_size,
+                    tta=tta,
+                    probabilities=want_probs,
+                )
             atomic.write_json(
-                out / "postprocessing.json", _decide_postprocessing(prep, plan, model_preds)
+                out / "postprocessing.json",
+                _decide_postprocessing(prep, plan, model_val, cfg.postprocess_metric),
             )
         atomic.write_json(
             out / "training.json",
