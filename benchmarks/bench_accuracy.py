@@ -298,13 +298,23 @@ def run_medseg(
 
 
 # -- MONAI baseline ------------------------------------------------------------------------------
-def monai_roi(plan: dict[str, Any]) -> tuple[int, ...]:
-    """The medseg training patch (output side) rounded up to BasicUNet's multiple of 16."""
+#: MONAI's recipe for 3D data when medseg's plan is 2D (BraTS): 3D random crops of 64^3 and a
+#: BasicUNet of base width 16, the 3D set-up medseg itself used before its 2D configuration.
+MONAI_3D_ROI, MONAI_3D_BASE = (64, 64, 64), 16
+
+
+def monai_roi(plan: dict[str, Any], dims: int) -> tuple[int, ...]:
+    """The medseg training patch (output side) rounded up to BasicUNet's multiple of 16; the
+    3D default above where the plan is 2D on 3D data."""
+    if len(plan["patch_output_size"]) != dims:
+        return MONAI_3D_ROI
     return tuple(max(16, int(math.ceil(s / 16)) * 16) for s in plan["patch_output_size"])
 
 
-def monai_features(plan: dict[str, Any]) -> tuple[int, ...]:
+def monai_features(plan: dict[str, Any], dims: int) -> tuple[int, ...]:
     b = int(plan["network"]["base_channels"])
+    if len(plan["patch_output_size"]) != dims:
+        b = MONAI_3D_BASE
     return (b, b, 2 * b, 4 * b, 8 * b, b)
 
 
@@ -347,7 +357,7 @@ def run_monai(
     values = [int(v) for v in plan["label_values"]]
     n_classes = len(values)
     nonzero = dataset == "brats2013"  # MONAI's BraTS recipe normalises inside the brain
-    roi = monai_roi(plan)
+    roi = monai_roi(plan, dims)
     keys = ["image", "label"]
     data = [
         {
@@ -374,7 +384,7 @@ def run_monai(
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0)
     model = BasicUNet(
         spatial_dims=dims, in_channels=data[0]["image"].shape[0], out_channels=n_classes,
-        features=monai_features(plan),
+        features=monai_features(plan, dims),
     )  # fmt: skip
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -414,7 +424,7 @@ def run_monai(
         "steps": steps,
         "infer_seconds": round(time.perf_counter() - t1, 1),
         "roi": list(roi),
-        "features": list(monai_features(plan)),
+        "features": list(monai_features(plan, dims)),
         "batch_size": batch_size,
     }
     return preds, info

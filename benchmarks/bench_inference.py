@@ -72,32 +72,53 @@ def whole_volume(net: Any, image: np.ndarray) -> np.ndarray:
 
 
 class FlopCounter:
-    """Multiply-adds x 2 of every convolution run while active (forward hooks)."""
+    """Multiply-adds x 2 of every convolution run while active (forward hooks); with
+    ``timed`` also the wall time of each convolution (pre/post hooks), per module name."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, timed: bool = False) -> None:
         self.flops = 0
-        self.hooks = [
-            m.register_forward_hook(self._hook)
-            for m in model.modules()
-            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))
-        ]
+        self.per: dict[str, list[float]] = {}  # name -> [flops, seconds]
+        self._t0 = 0.0
+        self.hooks = []
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                self.hooks.append(m.register_forward_hook(self._hook(name)))
+                if timed:
+                    self.hooks.append(m.register_forward_pre_hook(self._start))
 
-    def _hook(self, m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        k = int(np.prod(m.kernel_size))  # type: ignore[arg-type]
-        if isinstance(m, nn.ConvTranspose3d):
-            self.flops += 2 * inp[0].numel() * int(m.out_channels) * k
-        else:
-            self.flops += 2 * out.numel() * int(m.in_channels) * k  # type: ignore[arg-type]
+    def _start(self, m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        self._t0 = time.perf_counter()
+
+    def _hook(self, name: str) -> Any:
+        def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            dt = time.perf_counter() - self._t0
+            k = int(np.prod(m.kernel_size))  # type: ignore[arg-type]
+            if isinstance(m, nn.ConvTranspose3d):
+                f = 2 * inp[0].numel() * int(m.out_channels) * k
+            else:
+                f = 2 * out.numel() * int(m.in_channels) * k  # type: ignore[arg-type]
+            self.flops += f
+            rec = self.per.setdefault(name, [0.0, 0.0])
+            rec[0] += f
+            rec[1] += dt
+
+        return hook
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
 
 
-def conv_peak(threads: int) -> float:
-    """Best conv3d GFLOP/s over a few layer shapes and both memory formats."""
-    best = 0.0
-    for c, s in ((16, 64), (32, 48), (64, 40)):
+#: (channels, spatial side) of the layers the peak is taken over: the widths of real 3D U-Nets
+#: (16-256) at sizes where their activations are tens to hundreds of MiB.
+PEAK_SHAPES = ((16, 64), (32, 48), (64, 40), (128, 28), (256, 20))
+
+
+def conv_peak(threads: int) -> tuple[float, dict[str, float]]:
+    """Best conv3d (3x3x3, C -> C, batch 2) GFLOP/s over ``PEAK_SHAPES`` in both memory
+    formats; also every measurement, for the report."""
+    best, seen = 0.0, {}
+    for c, s in PEAK_SHAPES:
         conv = nn.Conv3d(c, c, 3).eval()
         for cl in (False, True):
             x = torch.randn(2, c, s, s, s)
@@ -105,73 +126,235 @@ def conv_peak(threads: int) -> float:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
                 conv = conv.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
             with torch.inference_mode():
-                dt = _time(lambda conv=conv, x=x: conv(x), repeats=2, warmup=True)
+                dt = _time(lambda conv=conv, x=x: conv(x), repeats=3, warmup=True)
             flops = 2 * 2 * c * c * 27 * (s - 2) ** 3
+            seen[f"{c}ch {s}^3 {'cl' if cl else 'ncdhw'}"] = flops / dt / 1e9
             best = max(best, flops / dt / 1e9)
-    return best
+    return best, seen
 
 
-def rss_child(tool: str, shape: tuple[int, ...], classes: int, base: int, budget: str) -> None:
-    """Run one tool on a random volume and print its peak RSS (MiB) as JSON."""
-    torch.set_num_threads(int(budget.split(":")[1]))
-    image = np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32)
-    t = time.perf_counter()
-    if tool == "medseg":
-        net = _net(base, 4, classes)
-        mem = infer.parse_bytes(budget.split(":")[0])
-        layout = infer.tile_layout(net, shape, max_memory=mem)
-        labels = np.zeros(shape, np.int8)
+def flops_report(a: argparse.Namespace) -> None:
+    """Achieved conv GFLOP/s of the tiled pass of the network the planner builds for 3D
+    (``_DEFAULT_BASE[3]`` base channels, depth ``_MAX_DEPTH[3]``) over channels-last vs
+    contiguous, batch 1 vs 2 and a few tile sizes, as a fraction of ``conv_peak``."""
+    from medseg.preprocess.plan import _DEFAULT_BASE, _MAX_DEPTH
 
-        def sink(tile: Any, logits: np.ndarray) -> None:
-            labels[tile.write.slices()] = logits.argmax(0)
-
-        infer.run_tiles(net, image, layout, sink)
-        extra = {"tiles": len(layout.tiles), "tile": layout.size, "batch": layout.batch_size}
-    else:
-        from monai.inferers import sliding_window_inference
-
-        net_m = _monai(base, classes)
-        with torch.inference_mode():
-            out = sliding_window_inference(
-                torch.from_numpy(image)[None], (96, 96, 96), 1, net_m, overlap=0.5, mode="gaussian"
+    base, depth = _DEFAULT_BASE[3], _MAX_DEPTH[3]
+    size = tuple(a.size)
+    image = np.random.default_rng(0).normal(size=(1, *size)).astype(np.float32)
+    net = _net(base, depth, 2)
+    peak, seen = conv_peak(a.threads)
+    print(f"conv3d peak {peak:.1f} GFLOP/s; " + ", ".join(f"{k} {v:.0f}" for k, v in seen.items()))
+    auto = infer.tile_layout(net, size)
+    # (channels-last, forced tile or None for the automatic one, batch size)
+    configs: list[tuple[bool, int | None, int | None]] = [(True, None, None), (False, None, None)]
+    configs += [(True, t, b) for t in a.flops_tiles for b in (1, 2)]
+    best = (0.0, "")
+    for cl, tile, batch in configs:
+        fast = infer.inference_model(net, channels_last=cl)
+        with torch.inference_mode():  # oneDNN kernel selection on a small input
+            fast(torch.zeros(1, 1, *(shapes.input_size(shapes.min_output_size(depth), depth),) * 3))
+        layout = (
+            auto if tile is None else infer.tile_layout(net, size, tile_size=tile, batch_size=batch)
+        )
+        counter = FlopCounter(fast)
+        dt = _time(
+            lambda fast=fast, layout=layout: infer.run_tiles(
+                fast, image, layout, lambda t, o: None, prepare=False
             )
-            assert isinstance(out, torch.Tensor)
-            labels = np.empty(shape, np.int8)
-            for k in range(0, shape[2], 16):  # slabs: no full-volume int64 argmax
-                labels[..., k : k + 16] = out[0, ..., k : k + 16].argmax(0).numpy()
-        extra = {}
+        )
+        counter.remove()
+        gf = counter.flops / dt / 1e9
+        label = (
+            f"{'channels-last' if cl else 'contiguous'} tile {layout.size} x"
+            f"{len(layout.tiles)} batch {layout.batch_size}"
+        )
+        print(f"  {label}: {dt:.2f} s, {gf:.1f} GFLOP/s, fraction {gf / peak:.3f}", flush=True)
+        if gf > best[0]:
+            best = (gf, label)
+    print(
+        f"conv GFLOP/s, default 3D network (depth {depth}, base {base}), {size}: best "
+        f"{best[0]:.1f} ({best[1]}); peak {peak:.1f}; fraction {best[0] / peak:.3f} (goal >= 0.6)"
+    )
+    # per convolution, in the best layout at the auto tile: where the time goes
+    fast = infer.inference_model(net, channels_last=True)
+    counter = FlopCounter(fast, timed=True)
+    infer.run_tiles(fast, image, auto, lambda t, o: None, prepare=False)
+    counter.remove()
+    total = sum(t for _, t in counter.per.values())
+    for name, (f, t) in counter.per.items():
+        print(
+            f"    {name:28s} {f / 1e9:7.1f} GFLOP {t:6.2f} s ({100 * t / total:4.1f} %) "
+            f"{f / t / 1e9:6.1f} GFLOP/s = {f / t / 1e9 / peak:.2f} of peak"
+        )
+
+
+#: Synthetic CT geometry: LPS voxel axes (as DICOM converters write CT), 0.7 x 0.7 x 1.0 mm.
+CT_SPACING = (0.7, 0.7, 1.0)
+#: The CT normalisation of the plan (nnU-Net style: clip to foreground percentiles, z-score).
+CT_CLIP = (-1000.0, 1500.0)
+CT_MEAN_STD = (40.0, 350.0)
+
+
+def write_ct(path: str, shape: tuple[int, int, int]) -> None:
+    """A CT-like int16 NIfTI: -1024 outside the reconstruction circle (the corners), noisy air
+    (-1000 +- 15 HU) inside it, an elliptic body (40 +- 30 HU) with fat rim and bone. The crop
+    to the non-background box therefore keeps almost the whole field of view, as on real CT."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    ni, nj, nk = shape
+    x = (np.arange(ni)[:, None] - (ni - 1) / 2) / (ni / 2)
+    y = (np.arange(nj)[None, :] - (nj - 1) / 2) / (nj / 2)
+    circle = x**2 + y**2 < 1.0
+    body = (x / 0.8) ** 2 + (y / 0.6) ** 2 < 1.0
+    rim = body & ((x / 0.75) ** 2 + (y / 0.55) ** 2 >= 1.0)
+    bone = (x / 0.12) ** 2 + ((y + 0.35) / 0.1) ** 2 < 1.0
+    data = np.empty(shape, np.int16, order="F")  # NIfTI's own voxel order: no copy on save
+    for k in range(nk):
+        sl = np.where(circle, -1000 + 15 * rng.standard_normal((ni, nj)), -1024.0)
+        sl = np.where(body, 40 + 30 * rng.standard_normal((ni, nj)), sl)
+        sl[rim] = -100.0
+        sl[bone] = 700.0 + 100.0 * np.sin(k / 7.0)
+        data[:, :, k] = sl.astype(np.int16)
+    affine = np.diag([-CT_SPACING[0], -CT_SPACING[1], CT_SPACING[2], 1.0])
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(np.int16)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    nib.save(img, path)
+
+
+def write_model_folder(folder: str, base: int, classes: int) -> None:
+    """A model folder as ``medseg train`` leaves it (plan.json + model.pt state_dict), holding a
+    randomly initialised U-Net (depth 4, so that MONAI's BasicUNet has the same widths) and a
+    plan with CT normalisation, RAS orientation, crop to non-zero and the scan's own spacing
+    (after reorientation: no resampling)."""
+    from pathlib import Path
+
+    from medseg.preprocess.plan import ChannelPlan, Plan
+
+    net = _net(base, 4, classes)
+    plan = Plan(
+        spatial_dims=3,
+        channels=[ChannelPlan("CT", "CT", "ct", CT_CLIP, *CT_MEAN_STD)],
+        label_values=list(range(classes)),
+        class_names=[f"class{c}" for c in range(classes)],
+        network=dict(net.network),
+        patch_output_size=(shapes.min_output_size(4),) * 3,
+        tile_output_size=(shapes.min_output_size(4),) * 3,
+        margin=(net.margin,) * 3,
+        orientation=("R", "A", "S"),
+        target_spacing=CT_SPACING,
+        crop_to_nonzero=True,
+    )
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    plan.save(Path(folder) / "plan.json")
+    torch.save(net.state_dict(), Path(folder) / "model.pt")
+
+
+def _peak_mib() -> float:
     # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak over exec
     with open("/proc/self/status") as fh:
         status = fh.read()
-    peak = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))) / 1024
-    print(json.dumps({"peak_mib": peak, "seconds": time.perf_counter() - t, **extra}))
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))) / 1024
+
+
+def rss_child(tool: str, work: str, classes: int, base: int, budget: str) -> None:
+    """What each tool's user runs on ``work/ct.nii.gz``; prints peak RSS (MiB) as JSON.
+
+    medseg: ``load_model`` + ``read_volume`` + ``predict_case`` + ``write_prediction`` (the
+    ``medseg infer`` path). MONAI: ``LoadImage`` (float32), ``ScaleIntensityRange`` (the CT
+    window of the plan), ``sliding_window_inference`` (roi 96^3, overlap 0.5, gaussian),
+    argmax in slabs (no int64 volume), nibabel save of uint8 labels.
+    """
+    from pathlib import Path
+
+    mem, threads = budget.split(":")
+    torch.set_num_threads(int(threads))
+    root = Path(work)
+    t = time.perf_counter()
+    stages: dict[str, float] = {"import": _peak_mib()}
+    if tool == "medseg":
+        from medseg.io import read_volume
+
+        loaded = infer.load_model(root / "model")
+        vol = read_volume(root / "ct.nii.gz")
+        stages["read"] = _peak_mib()
+        pred = infer.predict_case([vol], loaded, max_memory=infer.parse_bytes(mem))
+        stages["predict"] = _peak_mib()
+        infer.write_prediction(pred, root / "medseg_labels.nii.gz")
+        extra = {k: pred.info[k] for k in ("tiles", "tile_size", "batch_size")}
+    else:
+        import nibabel as nib
+        from monai.inferers import sliding_window_inference
+        from monai.transforms import LoadImage, ScaleIntensityRange
+
+        net_m = _monai(base, classes)
+        img = LoadImage(image_only=True, dtype=np.float32)(str(root / "ct.nii.gz"))
+        lo, hi = CT_CLIP
+        x = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(img)
+        stages["read"] = _peak_mib()
+        shape = tuple(x.shape)
+        with torch.inference_mode():
+            out = sliding_window_inference(
+                torch.as_tensor(x)[None, None], (96, 96, 96), 1, net_m, overlap=0.5, mode="gaussian"
+            )
+            assert isinstance(out, torch.Tensor)
+            labels = np.empty(shape, np.uint8)
+            for k in range(0, shape[2], 16):  # slabs: no full-volume int64 argmax
+                labels[..., k : k + 16] = out[0, ..., k : k + 16].argmax(0).numpy()
+        stages["predict"] = _peak_mib()
+        del out
+        nib.save(nib.Nifti1Image(labels, img.affine.numpy()), str(root / "monai_labels.nii.gz"))
+        extra = {}
+    stages["write"] = _peak_mib()
+    print(
+        json.dumps(
+            {"peak_mib": _peak_mib(), "seconds": time.perf_counter() - t, "stages": stages, **extra}
+        )
+    )
 
 
 def rss(a: argparse.Namespace) -> None:
-    """Peak memory of each tool on the full-size 5-class case, one fresh process each."""
-    shape = [int(round(s * a.rss_scale)) for s in (512, 512, 300)]
+    """Peak memory of each tool on a 512x512x300 int16 CT NIfTI, 5 classes, fresh processes.
+
+    ``.nii.gz``: how CT is shipped (MSD, TotalSegmentator, ...); both tools decompress it
+    through nibabel, so neither gets file-backed pages for free.
+    """
+    import tempfile
+
+    shape = tuple(int(round(s * a.rss_scale)) for s in (512, 512, 300))
     res = {}
-    for tool in ("medseg", "monai"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            tool,
-            json.dumps(shape),
-            "5",
-            str(a.rss_base),
-            f"{a.rss_budget}:{a.threads}",
-        ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        res[tool] = json.loads(out.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory(prefix="medseg-bench-") as work:
+        write_ct(f"{work}/ct.nii.gz", shape)  # type: ignore[arg-type]
+        write_model_folder(f"{work}/model", a.rss_base, 5)
+        for tool in ("medseg", "monai"):
+            if a.rss_tools and tool not in a.rss_tools:
+                continue
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                tool,
+                work,
+                "5",
+                str(a.rss_base),
+                f"{a.rss_budget}:{a.threads}",
+            ]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            res[tool] = json.loads(out.strip().splitlines()[-1])
+            print(tool, json.dumps(res[tool]))
+    if len(res) < 2:
+        return
     med, mon = res["medseg"], res["monai"]
     print(
-        f"peak RSS, {shape} 5 classes, base {a.rss_base}, {a.threads} threads: medseg "
-        f"{med['peak_mib']:.0f} MiB ({med['seconds']:.1f} s, --max-memory {a.rss_budget}, "
-        f"{med['tiles']} tiles of {med['tile']}, batch {med['batch']}), MONAI "
-        f"{mon['peak_mib']:.0f} MiB ({mon['seconds']:.1f} s); ratio medseg/MONAI "
-        f"{med['peak_mib'] / mon['peak_mib']:.3f} (goal <= 0.25); time ratio MONAI/medseg "
-        f"{mon['seconds'] / med['seconds']:.2f}"
+        f"peak RSS, int16 CT {list(shape)} .nii.gz, 5 classes, base {a.rss_base}, "
+        f"{a.threads} threads: medseg {med['peak_mib']:.0f} MiB ({med['seconds']:.1f} s, "
+        f"--max-memory {a.rss_budget}, {med['tiles']} tiles of {med['tile_size']}, batch "
+        f"{med['batch_size']}), MONAI {mon['peak_mib']:.0f} MiB ({mon['seconds']:.1f} s); "
+        f"ratio medseg/MONAI {med['peak_mib'] / mon['peak_mib']:.3f} (goal <= 0.25); time "
+        f"ratio MONAI/medseg {mon['seconds'] / med['seconds']:.2f}"
     )
 
 
@@ -184,15 +367,21 @@ def main() -> None:
     ap.add_argument("--rss-scale", type=float, default=1.0, help="side factor on 512x512x300")
     ap.add_argument("--rss-base", type=int, default=2)
     ap.add_argument("--rss-budget", default="1G", help="medseg --max-memory in the RSS run")
+    ap.add_argument("--flops-only", action="store_true", help="only the GFLOP/s comparison")
+    ap.add_argument("--flops-tiles", type=int, nargs="*", default=[92])
+    ap.add_argument("--rss-tools", nargs="*", help="only these tools (medseg, monai)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        tool, shape, classes, base, budget = a.child
-        rss_child(tool, tuple(json.loads(shape)), int(classes), int(base), budget)
+        tool, work, classes, base, budget = a.child
+        rss_child(tool, work, int(classes), int(base), budget)
         return
     torch.set_num_threads(a.threads)
     if a.rss_only:
         rss(a)
+        return
+    if a.flops_only:
+        flops_report(a)
         return
 
     size = tuple(a.size)
@@ -257,7 +446,7 @@ def main() -> None:
     )
 
     achieved = counter.flops / t_auto / 1e9
-    peak = conv_peak(a.threads)
+    peak, _ = conv_peak(a.threads)
     print(
         f"conv GFLOP/s: tiled {achieved:.1f} ({counter.flops / 1e9:.0f} GFLOP, "
         f"{counter.flops / vox / 1e3:.1f} kFLOP per output voxel); measured conv3d peak "

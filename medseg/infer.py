@@ -189,7 +189,7 @@ def inference_model(model: nn.Module, *, channels_last: bool | None = None) -> n
 
 def run_tiles(
     model: nn.Module,
-    image: np.ndarray,
+    image: np.ndarray | tiling.TileSource,
     layout: TileLayout,
     sink: Sink,
     *,
@@ -200,8 +200,9 @@ def run_tiles(
     channels_last: bool | None = None,
     prepare: bool = True,
 ) -> int:
-    """Run every tile of ``layout`` over ``image`` ``(C, *spatial)`` and hand
-    ``sink(tile, logits)`` the float32 logits ``(classes, *tile.write.shape)`` it owns.
+    """Run every tile of ``layout`` over ``image`` ``(C, *spatial)`` (an array, or a
+    :class:`medseg.tiling.TileSource` normalised per tile) and hand ``sink(tile, logits)`` the
+    float32 logits ``(classes, *tile.write.shape)`` it owns.
 
     With ``prepare`` the model first goes through :func:`inference_model` (batch norm folded,
     channels-last on the CPU unless ``channels_last=False``); pass ``prepare=False`` with a
@@ -438,6 +439,12 @@ def _classes_to_labels(plan: Plan, classes: np.ndarray) -> np.ndarray:
     return np.asarray(plan.label_values)[classes]
 
 
+def _classes_nbytes(shape: tuple[int, ...], n_classes: int, budget: int) -> int:
+    """Bytes of the class map :func:`_output_arrays` keeps in memory (0 when memory-mapped)."""
+    nbytes = math.prod(shape) * np.dtype(np.int8 if n_classes <= 127 else np.int16).itemsize
+    return nbytes if nbytes <= MEMMAP_FRACTION * budget else 0
+
+
 @contextlib.contextmanager
 def _output_arrays(
     shape: tuple[int, ...], n_classes: int, probabilities: bool, budget: int
@@ -493,23 +500,41 @@ def predict_case(
     """Segment one case: ``images`` are its channels in the plan's order (a Volume may hold
     several channels, e.g. RGB). Returns labels on ``images[0]``'s grid in the data set's
     own label values; probabilities (linear resampling) only when asked for."""
-    from medseg.preprocess.pipeline import preprocess_case, restore_labels, restore_probabilities
+    from medseg.postprocess import apply_postprocessing, needs_probabilities
+    from medseg.preprocess.pipeline import (
+        LazyImage,
+        prepare_for_inference,
+        restore_labels,
+        restore_probabilities,
+    )
 
     plan, model = loaded.plan, loaded.model
     check_channels(images, plan)
     original = images[0].grid
     budget = default_memory_budget() if max_memory is None else int(max_memory)
-    prepared = preprocess_case(list(images), plan)
-    image = np.asarray(prepared.image.array, dtype=np.float32)
+    # 3D without resampling: tiles are normalised from the stored (e.g. int16) scan, no
+    # float32 copy of the whole case
+    prepared = prepare_for_inference(list(images), plan)
+    image = prepared.image if isinstance(prepared.image, LazyImage) else prepared.image.array
     spatial = image.shape[1:]
+    slices: list[np.ndarray | tiling.TileSource]
     if plan.spatial_dims == 3:
-        slices: list[np.ndarray] = [image]
+        slices = [image]
     else:
-        slices = [image[..., k] for k in range(spatial[2])]
-    layout = tile_layout(model, slices[0].shape[1:], tile_size=tile_size, max_memory=budget)
+        arr = image.materialise() if isinstance(image, LazyImage) else image
+        slices = [arr[..., k] for k in range(spatial[2])]
+    # the budget covers tiles and outputs: the class map held in memory comes off the tiles'
+    layout = tile_layout(
+        model,
+        slices[0].shape[1:],
+        tile_size=tile_size,
+        max_memory=max(0, budget - _classes_nbytes(tuple(spatial), plan.num_classes, budget)),
+    )
     total = len(layout.tiles) * len(slices)
     fast = inference_model(model)
-    with _output_arrays(tuple(spatial), plan.num_classes, save_probabilities, budget) as (
+    # probability postprocessing steps (threshold, watershed) need them on the scan's grid
+    want_probs = save_probabilities or needs_probabilities(loaded.postprocessing)
+    with _output_arrays(tuple(spatial), plan.num_classes, want_probs, budget) as (
         classes,
         probs,
     ):
@@ -545,9 +570,14 @@ def predict_case(
             p = np.asarray(restore_probabilities(np.asarray(probs), prepared.record), np.float32)
             prob_vol = Volume(p, original, meta={"kind": "probabilities"})
     if loaded.postprocessing:
-        from medseg.postprocess import apply_postprocessing
-
-        restored = apply_postprocessing(restored, original.spacing, loaded.postprocessing)
+        restored = apply_postprocessing(
+            restored,
+            original.spacing,
+            loaded.postprocessing,
+            None if prob_vol is None else prob_vol.array,
+        )
+    if not save_probabilities:
+        prob_vol = None
     labels = _classes_to_labels(plan, np.asarray(restored)).astype(
         _label_dtype(plan.label_values), copy=False
     )

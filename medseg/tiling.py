@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -27,10 +28,12 @@ MEMORY_SAFETY = 1.1
 #: Channel counts are rounded up to this: oneDNN's blocked layouts pad channels to 16 (measured:
 #: a depth-4 3D U-Net of base width 2 peaks at 5.4x its unpadded activation count, base 8 at 2.1x).
 CHANNEL_BLOCK = 16
-#: Safety factor in channels-last memory format, where oneDNN does not pad channels (measured
-#: peak / unpadded estimate: 1.31 at base width 2, 1.01 at base 8; the tile input copy and
-#: the layout conversion of a 1-channel input weigh most in narrow networks).
-CHANNELS_LAST_SAFETY = 1.4
+#: Safety factor in channels-last memory format, where oneDNN does not pad channels. Measured
+#: in ``medseg infer`` (peak RSS growth over the tile phase / unpadded activation estimate,
+#: depth 4, base width 2, tiles 68^3 and 180x180x164): 1.80 and 1.75; at base 8, 1.01. The
+#: tile input buffer and oneDNN's working copies of 1- and 2-channel tensors weigh most in
+#: narrow networks; the larger factor keeps ``--max-memory`` honoured for them.
+CHANNELS_LAST_SAFETY = 1.8
 
 
 @dataclass(frozen=True)
@@ -104,13 +107,34 @@ def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
     return np.where(idx < n, idx, period - idx)
 
 
-def extract(image: np.ndarray, box: Box, out: np.ndarray | None = None) -> np.ndarray:
+class TileSource(Protocol):
+    """An image whose network input is computed box by box: ``raw`` ``(C, *spatial)`` holds
+    stored values and ``convert`` maps a gathered block of them to the input (e.g.
+    ``medseg.preprocess.pipeline.LazyImage``: normalisation of an int16 scan per tile)."""
+
+    @property
+    def raw(self) -> np.ndarray: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def ndim(self) -> int: ...
+
+    def convert(self, block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
+
+
+def extract(image: np.ndarray | TileSource, box: Box, out: np.ndarray | None = None) -> np.ndarray:
     """``image[:, box]`` for a ``(C, *spatial)`` array, mirrored where ``box`` leaves it.
 
     Written into ``out`` (shape ``(C, *box.shape)``) when given, so a batch buffer is filled
     without an intermediate copy; the mirrored parts are gathered per axis, never by padding
-    the whole image.
+    the whole image. A :class:`TileSource` gathers its ``raw`` block, then converts it.
     """
+    if not isinstance(image, np.ndarray) and hasattr(image, "convert"):
+        return image.convert(extract(image.raw, box), out)
+    # anything indexable like an array (an ndarray, a memmap, a reader) is gathered as is
+    image = cast(np.ndarray, image)
     spatial = image.shape[1:]
     if out is None:
         out = np.empty((image.shape[0], *box.shape), dtype=image.dtype)
@@ -147,12 +171,16 @@ def clamp_tile_size(
 def tile_bytes(
     size: Sequence[int], network: dict, bytes_per_value: int = 4, *, channels_last: bool = False
 ) -> int:
-    """Estimated peak memory (bytes) of one forward pass over one tile of output ``size``.
+    """Estimated peak memory (bytes) of one tile of output ``size``: its forward pass, plus
+    the logits handed to the sink (the network output and its classes-first copy, float32)
+    and their int64 argmax, which live alongside the last activations.
 
     Blocked layouts (default) pad channels to :data:`CHANNEL_BLOCK`; channels-last does not.
     """
     safety, block = (CHANNELS_LAST_SAFETY, 1) if channels_last else (MEMORY_SAFETY, CHANNEL_BLOCK)
-    return int(
+    out_vox = int(np.prod([int(s) for s in size]))
+    logits = out_vox * (2 * 4 * int(network["out_channels"]) + 8)
+    return logits + int(
         safety
         * bytes_per_value
         * shapes.peak_activation_elements(

@@ -195,7 +195,7 @@ from scipy import ndimage  # noqa: E402
 
 from medseg.io import read_volume, write_volume  # noqa: E402
 from medseg.preprocess.plan import ChannelPlan, Plan  # noqa: E402
-from medseg.volume import Grid, Volume  # noqa: E402
+from medseg.volume import Box, Grid, Volume  # noqa: E402
 
 
 class Threshold(nn.Module):
@@ -600,3 +600,40 @@ def test_discover_cases_and_shards(tmp_path: Path) -> None:
     assert sorted(sum(shards, [])) == items and shards[1] == [1, 4, 7]
     with pytest.raises(infer.MedsegError):
         infer.select_shard(items, "3/3")
+
+
+def test_int16_ct_case_gives_the_labels_of_the_float32_whole_volume_preprocessing(
+    tmp_path: Path,
+) -> None:
+    """The lazy input (int16 scan normalised per tile) against the eager chain: the float32
+    ``preprocess_case`` image through the same network and tiles, argmax, ``restore_labels``."""
+    from dataclasses import replace
+
+    from medseg.preprocess.pipeline import preprocess_case, restore_labels
+
+    rng = np.random.default_rng(7)
+    shape = (37, 29, 23)
+    direction = np.diag([-1.0, -1.0, 1.0])  # LPS, as DICOM converters write CT
+    grid = Grid.from_spacing(shape, (0.8, 0.7, 2.0), (30.0, 20.0, -50.0), direction)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    r = np.linalg.norm((ijk - (np.asarray(shape) - 1) / 2) / (np.asarray(shape) * 0.4), axis=-1)
+    hu = np.where(r < 1.0, 40 + 200 * rng.normal(size=shape), -1024).astype(np.int16)
+    scan = Volume(hu[None], grid, meta={"source": "ct.nii.gz"})
+    plan = replace(
+        make_plan(label_values=(0, 1, 5), orientation=("R", "A", "S"), crop=True),
+        channels=[ChannelPlan("CT", "CT", "ct", (-900.0, 400.0), 20.0, 150.0)],
+        target_spacing=(0.8, 0.7, 2.0),
+    )
+    folder, _ = model_folder(tmp_path, plan, seed=5)
+    loaded = infer.load_model(folder)
+    got = infer.predict_case([scan], loaded, tile_size=8)
+    assert got.info["tiles"] > 1
+
+    ref = preprocess_case([scan], plan)
+    assert ref.record.crop_box != Box.from_shape(shape)
+    logits = infer.predict_logits(loaded.model, ref.image.array, tile_size=8, prepare=True)
+    classes = restore_labels(logits.argmax(0), ref.record)
+    want = np.asarray(plan.label_values)[classes]
+    assert 0 < np.count_nonzero(want) < want.size  # labels vary: the comparison can fail
+    assert got.labels.grid == scan.grid
+    assert np.array_equal(got.labels.array[0], want)

@@ -58,3 +58,39 @@ def normalise(
         rec.update(mean=mean, std=std)
         return out, rec
     raise ValueError(f"unknown normalisation {method!r}")  # ChannelPlan validated it already
+
+
+def apply_normalisation(
+    array: np.ndarray,
+    channel: ChannelPlan,
+    record: dict[str, Any],
+    *,
+    nonzero: np.ndarray | None = None,
+) -> np.ndarray:
+    """The voxel-wise step of :func:`normalise` with the statistics ``record`` holds.
+
+    ``record`` is what :func:`normalise` returned for the whole channel; ``array`` is any part
+    of that channel (a tile, mirrored or not) and ``nonzero`` the same part of its mask. The
+    float32 result equals :func:`normalise`'s at the same voxels bit for bit: the same
+    expressions on the same scalars, element by element. This lets inference normalise tile by
+    tile from the stored integer scan instead of holding a float32 copy of it.
+    """
+    a = np.asarray(array, dtype=np.float32)
+    method = record["method"]
+    if method == "none":
+        return a
+    if method == "ct":
+        assert channel.mean is not None and channel.std is not None
+        lo, hi = channel.clip if channel.clip is not None else (-np.inf, np.inf)
+        return ((np.clip(a, lo, hi) - channel.mean) / max(channel.std, _MIN_STD)).astype(
+            np.float32, copy=False
+        )
+    mean, std = record["mean"], record["std"]
+    if method == "zscore":
+        return ((a - mean) / max(std, _MIN_STD)).astype(np.float32, copy=False)
+    if method == "zscore_nonzero":
+        mask = a != 0 if nonzero is None else nonzero
+        out = np.zeros_like(a)
+        out[mask] = (a[mask] - mean) / max(std, _MIN_STD)
+        return out
+    raise ValueError(f"unknown normalisation {method!r}")

@@ -151,12 +151,20 @@ class Plan:
             np.int64,
         )
         lut = np.asarray(lut_vals, dtype=dtype)
-        a = np.asarray(array).astype(np.int64)
-        if a.size and (a.max() >= len(values) or a.min() < -1):
+        a = np.asarray(array)
+        if not np.issubdtype(a.dtype, np.integer):
+            a = a.astype(np.int64)
+        if a.size and (int(a.max()) >= len(values) or int(a.min()) < -1):
             raise PlanError(
                 f"class indices {int(a.min())}..{int(a.max())} outside 0..{len(values) - 1}"
             )
-        return lut[np.where(a < 0, len(values), a)]
+        # -1 indexes the fill value at the end of the table; slabs bound the intp copy that
+        # numpy makes of an index array (a 512x512x300 int8 map would need 600 MiB at once)
+        out = np.empty(a.shape, dtype=dtype)
+        flat_in, flat_out = a.reshape(-1), out.reshape(-1)
+        for s in range(0, flat_in.size, 1 << 20):
+            flat_out[s : s + (1 << 20)] = lut[flat_in[s : s + (1 << 20)]]
+        return out
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

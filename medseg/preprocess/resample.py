@@ -421,6 +421,17 @@ def _onehot_label(
     return out
 
 
+def is_identity(source: Grid, target: Grid, amap: AxisMap | None = None) -> bool:
+    """True when ``target`` samples exactly ``source``'s voxel centres in the same order, so
+    resampling returns the values unchanged (``amap``: ``axis_map(source, target)`` if known)."""
+    if source.shape != target.shape:
+        return False
+    amap = axis_map(source, target) if amap is None else amap
+    if amap is None or amap.perm != (0, 1, 2):
+        return False
+    return all(_is_identity(amap.coords(t, target.shape[t]), source.shape[t]) for t in range(3))
+
+
 def resample_array(
     array: np.ndarray,
     source: Grid,
@@ -443,10 +454,8 @@ def resample_array(
             f"{source.shape[1]}, {source.shape[2]})"
         )
     amap = axis_map(source, target)
-    if amap is not None and amap.perm == (0, 1, 2) and source.shape == target.shape:
-        same = all(_is_identity(amap.coords(t, target.shape[t]), source.shape[t]) for t in range(3))
-        if same:
-            return array.copy() if label else array.astype(np.float32)
+    if is_identity(source, target, amap):
+        return array.copy() if label else array.astype(np.float32)
     n_threads = _threads(threads)
     pool = ThreadPoolExecutor(n_threads) if n_threads > 1 else None
     try:
@@ -463,7 +472,7 @@ def resample_array(
                 def fn(c: np.ndarray) -> np.ndarray:
                     return _onehot_label(c, source, target, amap, pool)
 
-            return np.stack([fn(c) for c in array])
+            return fn(array[0])[None] if len(array) == 1 else np.stack([fn(c) for c in array])
         orders = _orders(order, amap)
         cache: dict[tuple[int, int], AxisOp | None] = {}
         return np.stack(
