@@ -107,11 +107,9 @@ def test_drive_plan_is_2d_rgb(data_root: Path) -> None:
     assert plan.label_values == [0, 255]
 
 
-def test_brats_plan_is_2d_native_unnormalised_with_brats_regions(data_root: Path) -> None:
+def test_brats_plan_is_3d_unnormalised_with_brats_regions(data_root: Path) -> None:
     plan = _plan("brats2013", data_root)
-    # 2D on axial slices of the 3D volumes, on the 1 mm grid the labels are scored on
-    assert plan.spatial_dims == 2 and plan.in_channels == 2
-    assert plan.target_spacing == (1.0, 1.0, 1.0)
+    assert plan.spatial_dims == 3 and plan.in_channels == 2
     assert [c.normalisation for c in plan.channels] == ["none", "none"]
     assert plan.label_values == [0, 1, 2, 3, 4]
     assert plan.regions == {"whole": [1, 2, 3, 4], "core": [1, 3, 4], "enhancing": [4]}
