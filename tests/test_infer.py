@@ -395,6 +395,25 @@ def test_postprocessing_json_is_applied(image_volume: Volume) -> None:
     assert np.array_equal(out.array[0].astype(bool), largest)
 
 
+def test_probability_threshold_step_is_applied_on_the_scan_grid(image_volume: Volume) -> None:
+    """The threshold model's class-1 probability is sigmoid(2 (x - 100)) (see the test above),
+    so a 0.9 cut must give x > 100 + ln(9) / 2 exactly, away from ties."""
+    from medseg.postprocess import FORMAT
+
+    post = {
+        "format": FORMAT,
+        "version": 2,
+        "steps": [{"op": "threshold", "classes": [1], "value": 0.9}],
+    }
+    plan = make_plan(orientation=("R", "A", "S"))
+    out = infer.infer_case([image_volume], threshold_loaded(plan, 100.0, post), tile_size=8)
+    x = image_volume.array[0].astype(np.float64)
+    cut = 100.0 + np.log(9.0) / 2.0
+    clear = np.abs(x - cut) > 1e-3
+    assert clear.mean() > 0.99 and (x > cut).any() and (x < cut).any()
+    assert np.array_equal(out.array[0].astype(bool)[clear], (x > cut)[clear])
+
+
 # -- model folders ----------------------------------------------------------------------------
 def model_folder(tmp_path: Path, plan: Plan, seed: int = 0) -> tuple[Path, UNet]:
     folder = tmp_path / "run"
