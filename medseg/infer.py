@@ -439,9 +439,14 @@ def _classes_to_labels(plan: Plan, classes: np.ndarray) -> np.ndarray:
     return np.asarray(plan.label_values)[classes]
 
 
+def _class_dtype(n_classes: int) -> type[np.signedinteger]:
+    """dtype of the streamed class-index map (the argmax of every tile)."""
+    return np.int8 if n_classes <= 127 else np.int16
+
+
 def _classes_nbytes(shape: tuple[int, ...], n_classes: int, budget: int) -> int:
     """Bytes of the class map :func:`_output_arrays` keeps in memory (0 when memory-mapped)."""
-    nbytes = math.prod(shape) * np.dtype(np.int8 if n_classes <= 127 else np.int16).itemsize
+    nbytes = math.prod(shape) * np.dtype(_class_dtype(n_classes)).itemsize
     return nbytes if nbytes <= MEMMAP_FRACTION * budget else 0
 
 
@@ -450,7 +455,7 @@ def _output_arrays(
     shape: tuple[int, ...], n_classes: int, probabilities: bool, budget: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Preallocated class and probability arrays, memory-mapped when they exceed the budget."""
-    cls_dtype = np.int8 if n_classes <= 127 else np.int16
+    cls_dtype = _class_dtype(n_classes)
     nbytes = math.prod(shape) * (
         np.dtype(cls_dtype).itemsize + (4 * n_classes if probabilities else 0)
     )
