@@ -305,10 +305,12 @@ MONAI_3D_ROI, MONAI_3D_BASE = (64, 64, 64), 16
 
 def monai_roi(plan: dict[str, Any], dims: int) -> tuple[int, ...]:
     """The medseg training patch (output side) rounded up to BasicUNet's multiple of 16; the
-    3D default above where the plan is 2D on 3D data."""
+    3D default above where the plan is 2D on 3D data, and at least that default in 3D (MONAI
+    reads the 1 mm data while medseg's plan may train at a coarser spacing)."""
     if len(plan["patch_output_size"]) != dims:
         return MONAI_3D_ROI
-    return tuple(max(16, int(math.ceil(s / 16)) * 16) for s in plan["patch_output_size"])
+    roi = tuple(max(16, int(math.ceil(s / 16)) * 16) for s in plan["patch_output_size"])
+    return tuple(max(r, d) for r, d in zip(roi, MONAI_3D_ROI, strict=True)) if dims == 3 else roi
 
 
 def monai_features(plan: dict[str, Any], dims: int) -> tuple[int, ...]:

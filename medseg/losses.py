@@ -11,6 +11,13 @@ annotation, Cicek et al. 2016). Losses are computed in float32 even under autoca
   that preprocessing stores as ``weights.npy``; averaged over annotated voxels.
 - ``dice_weighted_ce``: soft Dice plus the weighted cross-entropy.
 - ``ce``: cross-entropy, optionally with per-class weights (class balancing).
+
+Region Dice (``regions``, ``[train] region_dice = true``): the Dice terms are taken over unions
+of classes, e.g. BraTS's whole tumour / tumour core / enhancing tumour, with the region's
+probability the sum of its classes' softmax probabilities. This optimises the overlap that
+nested-region data sets are scored by, as nnU-Net's region-based BraTS training does with
+sigmoids (Isensee et al. 2021, "nnU-Net for Brain Tumor Segmentation", BrainLes 2020, LNCS
+12659); the softmax keeps one class per voxel, so the cross-entropy and the argmax stay.
 """
 
 from __future__ import annotations
@@ -38,11 +45,14 @@ def soft_dice_loss(
     smooth: float = 1e-5,
     include_background: bool = True,
     batch_dice: bool = False,
+    regions: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """``1 - (2 |P G| + s) / (|P| + |G| + s)`` of softmax probabilities, mean over classes.
 
     Per sample and class (``batch_dice=False``) or pooled over the batch. Ignored voxels are
-    removed from both P and G.
+    removed from both P and G. With ``regions`` (lists of class indices) the foreground terms
+    are one per region, P and G summed over the region's classes; the background class stays
+    a term when ``include_background``.
     """
     logits = logits.float()
     t = target[:, 0].long()
@@ -50,6 +60,8 @@ def soft_dice_loss(
     probs = torch.softmax(logits, dim=1) * valid.unsqueeze(1)
     onehot = F.one_hot(t.clamp(min=0), logits.shape[1]).movedim(-1, 1).float()
     onehot = onehot * valid.unsqueeze(1)
+    if regions:
+        probs, onehot = _to_regions(probs, regions), _to_regions(onehot, regions)
     dims = tuple(range(2, logits.ndim))
     if batch_dice:
         dims = (0, *dims)
@@ -59,6 +71,12 @@ def soft_dice_loss(
     if not include_background:
         dice = dice[..., 1:]
     return 1.0 - dice.mean()
+
+
+def _to_regions(x: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``(B, 1 + len(regions), ...)``: channel 0 (background) then each region's class sum."""
+    parts = [x[:, :1]] + [x[:, list(r)].sum(1, keepdim=True) for r in regions]
+    return torch.cat(parts, dim=1)
 
 
 def cross_entropy(
@@ -101,10 +119,15 @@ class SegmentationLoss(nn.Module):
         class_weights: Sequence[float] | None = None,
         dice_weight: float = 1.0,
         ce_weight: float = 1.0,
+        regions: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise PlanError(f"[train] loss {kind!r} not in {KINDS}")
+        for r in regions or []:
+            if not r or min(int(c) for c in r) < 1:
+                raise PlanError(f"region {list(r)}: a region is a non-empty list of classes >= 1")
+        self.regions = [[int(c) for c in r] for r in regions] if regions else None
         self.kind = kind
         self.ignore_index = ignore_index
         self.include_background = include_background
@@ -136,6 +159,7 @@ class SegmentationLoss(nn.Module):
                 ignore_index=self.ignore_index,
                 include_background=self.include_background,
                 batch_dice=self.batch_dice,
+                regions=self.regions,
             )
         vw = weights if self.needs_weights else None
         return loss + self.ce_weight * cross_entropy(

@@ -22,6 +22,18 @@ first; ``medseg infer`` then keeps the probabilities of the case until they have
   2015, Front. Neuroanat. 9:142); seeded watershed on a boundary map is the classic
   postprocessing of that challenge's entries (e.g. Beier et al. 2017, Nat. Methods 14:101).
 
+Step on the probability map of a problem with nested regions (BraTS: whole tumour >= tumour
+core >= enhancing tumour, as class-index lists, outer first):
+
+- ``region_decode``: instead of the plain argmax, descend the regions: a voxel is inside a
+  region when the summed probability of the region's classes exceeds 0.5 (of the classes
+  still allowed at that voxel), and its class is the argmax among the classes the answers
+  leave. The region masks are then the 0.5 cuts of the region probabilities the region Dice
+  loss trains (``[train] region_dice``); the plain argmax can leave a voxel in the background
+  while most of its probability is tumour, split among tumour classes. This is the softmax
+  form of nnU-Net's reconstruction of BraTS labels from region outputs (Isensee et al. 2021,
+  BrainLes 2020).
+
 Like nnU-Net (Isensee et al. 2021, Nat. Methods 18:203), training decides which steps help:
 :func:`decide_postprocessing` tries each on the validation predictions and keeps it only if
 the validation score of the affected class improves and the mean over all classes does not
@@ -42,7 +54,7 @@ Connectivity: ``"face"`` (6-neighbourhood in 3D, 4 in 2D) or ``"full"`` (26 / 8)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,7 +65,7 @@ from medseg.errors import PlanError
 FORMAT = "medseg-postprocessing"
 VERSION = 2
 CLASS_OPS = ("largest_component_foreground", "largest_component", "remove_small", "fill_holes")
-PROBABILITY_OPS = ("threshold", "watershed_split")
+PROBABILITY_OPS = ("threshold", "watershed_split", "region_decode")
 OPS = CLASS_OPS + PROBABILITY_OPS
 METRICS = ("dice", "rand")
 #: Minimum component volumes tried by :func:`decide_postprocessing` (mm^3).
@@ -113,6 +125,40 @@ def threshold(probability: np.ndarray, value: float) -> np.ndarray:
     return np.asarray(probability) > value
 
 
+def region_decode(probabilities: np.ndarray, regions: Sequence[Sequence[int]]) -> np.ndarray:
+    """Class indices ``(*spatial)`` of ``probabilities`` ``(classes, *spatial)`` decoded through
+    nested ``regions`` (class-index lists, outer first).
+
+    At every voxel, for each region in turn: the region's classes stay allowed if their summed
+    probability exceeds that of the other classes still allowed (for the outermost region
+    with background outside it: the region probability exceeds 0.5), otherwise the other
+    classes do. The class is the argmax among the classes left (ties: the lowest index). A
+    voxel whose allowed set would become empty (regions that are not nested) keeps the plain
+    argmax.
+    """
+    p = np.asarray(probabilities, dtype=np.float32)
+    n = p.shape[0]
+    allowed = np.ones(p.shape, bool)
+    for r in regions:
+        member = {int(c) for c in r}
+        inside = np.zeros(p.shape[1:], np.float32)
+        outside = np.zeros(p.shape[1:], np.float32)
+        for c in range(n):
+            (inside if c in member else outside)[allowed[c]] += p[c][allowed[c]]
+        in_region = inside > outside
+        for c in range(n):
+            allowed[c] &= in_region if c in member else ~in_region
+    empty = ~allowed.any(axis=0)
+    allowed[:, empty] = True
+    best = np.full(p.shape[1:], -1.0, np.float32)
+    out = np.zeros(p.shape[1:], np.int64)
+    for c in range(n):
+        better = allowed[c] & (p[c] > best)
+        out[better] = c
+        best[better] = p[c][better]
+    return out
+
+
 def watershed_split(
     probability: np.ndarray,
     spacing_mm: Sequence[float],
@@ -142,11 +188,23 @@ def _check_step(step: dict[str, Any]) -> None:
     op = step.get("op")
     if op not in OPS:
         raise PlanError(f"postprocessing step {step!r}: op must be one of {', '.join(OPS)}")
+    if op == "region_decode":
+        regions = step.get("regions")
+        if not (
+            isinstance(regions, list)
+            and regions
+            and all(isinstance(r, list) and r and all(int(c) >= 1 for c in r) for r in regions)
+        ):
+            raise PlanError(
+                f"postprocessing step {step!r} needs 'regions': lists of classes >= 1, "
+                "outer region first"
+            )
+        return
     if op != "largest_component_foreground" and not step.get("classes"):
         raise PlanError(f"postprocessing step {step!r} needs a non-empty 'classes' list")
     if op == "remove_small" and not float(step.get("min_volume_mm3", -1)) >= 0:
         raise PlanError(f"postprocessing step {step!r} needs 'min_volume_mm3' >= 0")
-    if op in PROBABILITY_OPS and list(step["classes"]) != [1]:
+    if op in ("threshold", "watershed_split") and list(step["classes"]) != [1]:
         raise PlanError(f"postprocessing step {step!r}: {op} is for two-class maps, classes [1]")
     if op == "threshold" and not 0.0 < float(step.get("value", -1)) < 1.0:
         raise PlanError(f"postprocessing step {step!r} needs 0 < 'value' < 1")
@@ -173,6 +231,21 @@ def apply_step(
     _check_step(step)
     conn = str(step.get("connectivity", "face"))
     op = step["op"]
+    if op == "region_decode":
+        regions = step["regions"]
+        top = max(int(c) for r in regions for c in r)
+        if probabilities is None or probabilities.shape[1:] != classes.shape:
+            got = None if probabilities is None else probabilities.shape
+            raise PlanError(
+                f"postprocessing step {op} needs the class probabilities (classes, "
+                f"{', '.join(map(str, classes.shape))}), got {got}"
+            )
+        if top >= probabilities.shape[0]:
+            raise PlanError(
+                f"postprocessing step {step!r}: class {top} is not among the "
+                f"{probabilities.shape[0]} classes of the model"
+            )
+        return region_decode(probabilities, regions).astype(classes.dtype)
     if op in PROBABILITY_OPS:
         if probabilities is None or probabilities.shape != (2, *classes.shape):
             got = None if probabilities is None else probabilities.shape
@@ -234,19 +307,24 @@ def apply_postprocessing(
 
 
 def _score_table(
-    preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], num_classes: int, metric: str
+    preds: Sequence[np.ndarray],
+    refs: Sequence[np.ndarray],
+    num_classes: int,
+    metric: str,
+    regions: Sequence[Sequence[int]] = (),
 ) -> np.ndarray:
-    """Score per case and foreground class ``(cases, num_classes - 1)``, higher is better:
-    Dice, or ``1 - adapted Rand error`` of the class's face-connected components. Reference
-    voxels of -1 are ignored."""
+    """Score per case, foreground class and region ``(cases, num_classes - 1 + len(regions))``,
+    higher is better: Dice, or ``1 - adapted Rand error`` of the face-connected components.
+    Reference voxels of -1 are ignored."""
     from medseg.metrics import adapted_rand_error, dice
 
-    out = np.zeros((len(preds), max(num_classes - 1, 0)))
+    groups = [[c] for c in range(1, num_classes)] + [list(r) for r in regions]
+    out = np.zeros((len(preds), len(groups)))
     for i, (p, r) in enumerate(zip(preds, refs, strict=True)):
         valid = r >= 0
-        for c in range(1, num_classes):
-            pm, rm = (p == c) & valid, (r == c) & valid
-            out[i, c - 1] = dice(pm, rm) if metric == "dice" else 1.0 - adapted_rand_error(pm, rm)
+        for j, g in enumerate(groups):
+            pm, rm = np.isin(p, g) & valid, np.isin(r, g) & valid
+            out[i, j] = dice(pm, rm) if metric == "dice" else 1.0 - adapted_rand_error(pm, rm)
     return out
 
 
@@ -259,13 +337,16 @@ def decide_postprocessing(
     *,
     probabilities: Sequence[np.ndarray] | None = None,
     metric: str = "dice",
+    regions: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Choose the postprocessing steps that improve the validation score (nnU-Net's rule).
 
     ``preds``/``refs``: class-index maps per validation case (ref -1 = ignored voxel),
     ``spacings``: mm per array axis for each case, ``num_classes`` including background,
     ``probabilities``: optional ``(classes, *map.shape)`` per case (the same prediction before
-    its argmax), ``metric``: ``"dice"`` or ``"rand"`` (see the module docstring).
+    its argmax), ``metric``: ``"dice"`` or ``"rand"`` (see the module docstring), ``regions``:
+    named class-index lists, outer first (scored as well; with probabilities of more than two
+    classes ``region_decode`` is tried first and judged on the regions alone).
     Steps are tried greedily, each on the output of the steps kept so far. With probabilities
     of a two-class problem first the best ``threshold`` of :data:`THRESHOLDS` (and, for
     ``"rand"``, of ``watershed_split`` over :data:`SEED_THRESHOLDS` x :data:`SEED_VOLUMES_MM3`);
@@ -285,17 +366,19 @@ def decide_postprocessing(
     current = [np.asarray(p) for p in preds]
     refs = [np.asarray(r) for r in refs]
     probs = list(probabilities) if probabilities is not None else [None] * len(current)
-    base = _score_table(current, refs, num_classes, metric)
+    region_lists = [list(map(int, r)) for r in (regions or {}).values()]
+    base = _score_table(current, refs, num_classes, metric, region_lists)
     steps: list[dict[str, Any]] = []
     decisions: list[dict[str, Any]] = []
     Trial = tuple[float, dict[str, Any], dict[str, Any], list[np.ndarray], np.ndarray]
 
     def trial(step: dict[str, Any], scored: list[int]) -> Trial | None:
         """Score ``step`` on the current predictions and record it as not applied (yet);
-        return ``(score, step, decision, predictions, table)`` when it would be kept."""
+        return ``(score, step, decision, predictions, table)`` when it would be kept.
+        ``scored``: the foreground classes it is judged on; empty: the regions."""
         cand = [apply_step(p, s, step, q) for p, s, q in zip(current, spacings, probs, strict=True)]
-        table = _score_table(cand, refs, num_classes, metric)
-        cols = [c - 1 for c in scored]
+        table = _score_table(cand, refs, num_classes, metric, region_lists)
+        cols = [c - 1 for c in scored] if scored else region_cols
         before = float(base[:, cols].mean()) if len(base) else 0.0
         after = float(table[:, cols].mean()) if len(table) else 0.0
         all_before = float(base.mean()) if base.size else 0.0
@@ -326,6 +409,9 @@ def decide_postprocessing(
         return bool(kept)
 
     fg_classes = list(range(1, num_classes))
+    region_cols = list(range(len(fg_classes), len(fg_classes) + len(region_lists)))
+    if num_classes > 2 and region_lists and current and all(q is not None for q in probs):
+        keep_best([{"op": "region_decode", "regions": region_lists}], [])
     if num_classes == 2 and current and all(q is not None for q in probs):
         for q, p in zip(probs, current, strict=True):
             if q is None or q.shape != (2, *p.shape):

@@ -56,7 +56,8 @@ class TrainConfig:
 
     ``time_budget_minutes`` bounds the whole training (all resumed runs together): the poly
     schedule then follows whichever of steps and time runs out first, and training stops early
-    enough to leave time for the final validation.
+    enough to leave time for the final validation. ``region_dice`` takes the Dice terms of
+    the loss over the plan's regions (the manifest's ``regions``) instead of single classes.
     """
 
     epochs: int = 50
@@ -71,6 +72,7 @@ class TrainConfig:
     loss: str = "dice_ce"
     include_background: bool = True
     batch_dice: bool = False
+    region_dice: bool = False
     class_weights: Any = None
     foreground_fraction: float = 1.0 / 3.0
     augment: dict[str, Any] = field(default_factory=dict)
@@ -423,13 +425,15 @@ def write_log(path: Path, rows: list[dict[str, Any]], class_names: Sequence[str]
 @dataclass
 class Validation:
     """Dice of every class (mean over cases; ``mean_dice`` averages the foreground classes),
-    loss, the predicted classes and, when asked for, the class probabilities."""
+    loss, the predicted classes and, when asked for, the class probabilities; Dice of every
+    region of the plan (mean over cases)."""
 
     dice: dict[str, float]
     mean_dice: float
     loss: float | None
     predictions: dict[str, np.ndarray]
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)
+    region_dice: dict[str, float] = field(default_factory=dict)
 
 
 def _reference(case: Any, prep_dir: Path) -> np.ndarray:
@@ -481,6 +485,7 @@ def validate(
     was_training = model.training
     model.eval()
     per_class: dict[str, list[float]] = {n: [] for n in plan.class_names}
+    per_region: dict[str, list[float]] = {n: [] for n in plan.regions or {}}
     losses: list[float] = []
     preds: dict[str, np.ndarray] = {}
     probs: dict[str, np.ndarray] = {}
@@ -496,6 +501,10 @@ def validate(
             valid = ref >= 0
             for c, name in enumerate(plan.class_names):
                 per_class[name].append(dice((cls == c) & valid, (ref == c) & valid))
+            for name, members in (plan.regions or {}).items():
+                per_region[name].append(
+                    dice(np.isin(cls, members) & valid, np.isin(ref, members) & valid)
+                )
             if loss_fn is not None and not loss_fn.needs_weights:
                 with torch.no_grad():
                     lt = torch.from_numpy(logits[None])
@@ -510,6 +519,7 @@ def validate(
         float(np.mean(losses)) if losses else None,
         preds,
         probs,
+        {k: float(np.mean(v)) for k, v in per_region.items()},
     )
 
 
@@ -537,6 +547,7 @@ def _decide_postprocessing(
         plan.num_classes,
         probabilities=probs,
         metric=metric,
+        regions=plan.regions,
     )
 
 
@@ -577,6 +588,18 @@ def _list_cases(prep_dir: Path) -> list[str]:
 
 def _poly(lr0: float, progress: float, exponent: float) -> float:
     return lr0 * max(0.0, 1.0 - min(progress, 1.0)) ** exponent
+
+
+def _dice_regions(cfg: TrainConfig, plan: Plan, prep_dir: Path) -> list[list[int]] | None:
+    """The plan's regions (class indices) when ``[train] region_dice`` asks for them."""
+    if not cfg.region_dice:
+        return None
+    if not plan.regions:
+        raise PlanError(
+            f"{prep_dir / 'plan.json'}: [train] region_dice needs regions; declare them in the "
+            'manifest ("regions": {"whole": [1, 2, 3], ...}) and rerun medseg preprocess'
+        )
+    return [list(v) for v in plan.regions.values()]
 
 
 def _class_weights(cfg: TrainConfig, prep_dir: Path, ids: Sequence[str], n: int) -> Any:
@@ -657,6 +680,7 @@ def train(
         include_background=cfg.include_background,
         batch_dice=cfg.batch_dice,
         class_weights=_class_weights(cfg, prep, train_ids, plan.num_classes),
+        regions=_dice_regions(cfg, plan, prep),
     ).to(dev)
 
     _seed_everything(cfg.seed)
@@ -842,6 +866,7 @@ def train(
                 say(
                     f"epoch {epoch}: loss {row['train_loss']:.4f}, val Dice {v.mean_dice:.4f} "
                     f"({', '.join(f'{k} {d:.3f}' for k, d in v.dice.items())})"
+                    + "".join(f", region {k} {d:.3f}" for k, d in v.region_dice.items())
                 )
             else:
                 say(f"epoch {epoch}: loss {row['train_loss']:.4f}")
@@ -861,9 +886,9 @@ def train(
         finished = epoch >= cfg.epochs or stopped
         if finished and cfg.postprocess and val_ids:
             # decide on what `medseg infer` will see: the same TTA and, for probability
-            # steps of two-class problems, the probabilities
+            # steps (two-class cuts, region decoding), the probabilities
             tta = pipeline.infer.get("tta")
-            want_probs = plan.num_classes == 2
+            want_probs = plan.num_classes == 2 or bool(plan.regions)
             if model_val is None or tta or want_probs:
                 chosen = UNet(**plan.network).to(dev)
                 chosen.load_state_dict(torch.load(out / "model.pt", weights_only=True))

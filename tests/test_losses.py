@@ -98,3 +98,38 @@ def test_weighted_loss_without_weights_is_a_clear_error(batch) -> None:
 
     with pytest.raises(PlanError, match="border"):
         SegmentationLoss("weighted_ce")(*batch)
+
+
+BRATS_REGIONS = [[1, 2, 3, 4], [1, 3, 4], [4]]
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_region_dice_matches_monai_dice_of_summed_channels(batch_dice: bool) -> None:
+    """Region Dice = MONAI's DiceLoss on channels built by hand: background, then each
+    region's summed softmax probability against the union of its one-hot classes."""
+    from monai.losses import DiceLoss
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 5, 6, 5, 4, generator=g)
+    target = torch.randint(0, 5, (2, 1, 6, 5, 4), generator=g)
+    probs = torch.softmax(logits, 1)
+    onehot = F.one_hot(target[:, 0], 5).movedim(-1, 1).float()
+    p_reg = torch.stack([probs[:, 0]] + [probs[:, r].sum(1) for r in BRATS_REGIONS], 1)
+    g_reg = torch.stack([onehot[:, 0]] + [onehot[:, r].sum(1) for r in BRATS_REGIONS], 1)
+    ref = DiceLoss(batch=batch_dice, smooth_nr=1e-5, smooth_dr=1e-5)(p_reg, g_reg)
+    ours = soft_dice_loss(logits, target, batch_dice=batch_dice, regions=BRATS_REGIONS)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_region_dice_with_one_class_per_region_is_the_class_dice(batch) -> None:
+    logits, target = batch
+    plain = SegmentationLoss("dice_ce")(logits, target)
+    regions = SegmentationLoss("dice_ce", regions=[[1], [2]])(logits, target)
+    assert torch.allclose(plain, regions, atol=1e-7)
+
+
+def test_region_with_background_class_is_refused() -> None:
+    from medseg.errors import PlanError
+
+    with pytest.raises(PlanError, match="region"):
+        SegmentationLoss("dice_ce", regions=[[0, 1]])

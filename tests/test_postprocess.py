@@ -12,6 +12,7 @@ from medseg.postprocess import (
     apply_postprocessing,
     decide_postprocessing,
     empty_config,
+    region_decode,
 )
 
 
@@ -235,3 +236,89 @@ def test_probability_step_without_probabilities_is_refused():
         )
     with pytest.raises(PlanError, match="metric"):
         decide_postprocessing([], [], [], 2, metric="hd95")
+
+
+BRATS_REGIONS = [[1, 2, 3, 4], [1, 3, 4], [4]]
+
+
+def _dirichlet(shape: tuple[int, ...], classes: int = 5, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.moveaxis(rng.dirichlet(np.full(classes, 0.5), size=shape), -1, 0).astype(np.float32)
+
+
+def test_region_decode_by_hand():
+    # background 0.4 is the argmax, but the tumour classes hold 0.6: whole tumour. Core
+    # (0.05 + 0.1 + 0.2 = 0.35) beats oedema (0.25); enhancing 0.2 beats 1 + 3 (0.15): class 4
+    p = np.array([0.4, 0.05, 0.25, 0.1, 0.2], np.float32).reshape(5, 1, 1)
+    assert int(p.argmax(0)[0, 0]) == 0
+    assert int(region_decode(p, BRATS_REGIONS)[0, 0]) == 4
+    # enhancing 0.1 < necrosis + non-enhancing 0.15 + 0.1 -> the argmax of {1, 3}: class 3
+    q = np.array([0.3, 0.1, 0.25, 0.25, 0.1], np.float32).reshape(5, 1, 1)
+    assert int(region_decode(q, BRATS_REGIONS)[0, 0]) == 3
+
+
+def test_region_decode_whole_region_is_the_half_cut_of_its_probability():
+    p = _dirichlet((12, 11, 7))
+    out = region_decode(p, BRATS_REGIONS)
+    assert np.array_equal(out > 0, p[1:].sum(0) > 0.5)
+    # nested: enhancing within core within whole
+    core, enh = np.isin(out, [1, 3, 4]), out == 4
+    assert not (enh & ~core).any() and not (core & (out == 0)).any()
+
+
+def test_region_decode_equals_argmax_where_one_class_holds_the_majority():
+    p = _dirichlet((20, 20, 5), seed=2)
+    out = region_decode(p, BRATS_REGIONS)
+    sure = p.max(0) > 0.5
+    assert sure.any() and np.array_equal(out[sure], p.argmax(0)[sure])
+
+
+def test_decide_keeps_region_decode_when_the_argmax_loses_split_tumour():
+    refs, preds, probs = [], [], []
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        ref = np.zeros((24, 24), np.int16)
+        ref[4:20, 4:20] = 2
+        ref[8:16, 8:16] = 1
+        # inside the tumour the network splits its belief: background 0.4, 0.3 / 0.3
+        p = np.zeros((3, 24, 24), np.float32)
+        p[0] = 0.9
+        p[1] = p[2] = 0.05
+        tum = ref > 0
+        p[0][tum] = 0.4
+        p[1][tum] = np.where(ref[tum] == 1, 0.35, 0.25) + rng.uniform(-0.01, 0.01, tum.sum())
+        p[2][tum] = 0.6 - p[1][tum]
+        refs.append(ref)
+        probs.append(p)
+        preds.append(p.argmax(0).astype(np.int16))
+    assert not (preds[0] > 0).any()  # the argmax finds no tumour at all
+    regions = {"whole": [1, 2], "core": [1]}
+    cfg = decide_postprocessing(
+        preds, refs, [(1.0, 1.0)] * 2, 3, probabilities=probs, regions=regions
+    )
+    assert cfg["steps"][0] == {"op": "region_decode", "regions": [[1, 2], [1]]}
+    first = cfg["decisions"][0]
+    assert first["before"] == 0.0 and first["after"] == pytest.approx(1.0)
+    out = apply_postprocessing(preds[0], (1.0, 1.0), cfg, probs[0])
+    assert np.array_equal(out > 0, refs[0] > 0)
+
+
+def test_region_decode_refuses_bad_steps():
+    p = _dirichlet((4, 4), classes=3)
+    with pytest.raises(PlanError, match="regions"):
+        apply_postprocessing(
+            np.zeros((4, 4), np.int16), (1.0, 1.0), {"steps": [{"op": "region_decode"}]}, p
+        )
+    with pytest.raises(PlanError, match="not among"):
+        apply_postprocessing(
+            np.zeros((4, 4), np.int16),
+            (1.0, 1.0),
+            {"steps": [{"op": "region_decode", "regions": [[1, 2, 3]]}]},
+            p,
+        )
+    with pytest.raises(PlanError, match="probabilities"):
+        apply_postprocessing(
+            np.zeros((4, 4), np.int16),
+            (1.0, 1.0),
+            {"steps": [{"op": "region_decode", "regions": [[1, 2]]}]},
+        )

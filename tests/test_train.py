@@ -6,6 +6,7 @@ documented cache layout; the network is a depth-2 U-Net with 4 base channels.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -407,6 +408,28 @@ augment = {{p_elastic = 0.5, elastic_sigma = 10.0, p_rotate = 0.3}}
     p = read_volume(pred, label=True)
     assert set(np.unique(p.array).tolist()) <= {0, 255}
     assert p.grid.shape == read_volume(png).grid.shape
+
+
+def test_region_dice_needs_regions_in_the_plan(prep: Path, tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="regions"):
+        train(_pipeline(prep, region_dice=True), tmp_path / "r", epochs=1, device="cpu",
+              progress=False)  # fmt: skip
+
+
+def test_region_dice_trains_and_validation_reports_region_dice(prep: Path, tmp_path: Path) -> None:
+    plan = Plan.load(prep / "plan.json")
+    dataclasses.replace(plan, regions={"disc": [1]}).save(prep / "plan.json")
+    res = train(
+        _pipeline(prep, region_dice=True, val_every=1), tmp_path / "r", epochs=1, device="cpu",
+        progress=False,
+    )  # fmt: skip
+    assert np.isfinite(res.log[-1]["train_loss"])
+    from medseg.train import validate
+
+    info = json.loads((tmp_path / "r" / "training.json").read_text())
+    v = validate(res.model, prep, info["val_cases"], Plan.load(prep / "plan.json"), None)
+    # one class in the region: the region Dice is that class's Dice
+    assert v.region_dice["disc"] == pytest.approx(v.dice["disc"])
 
 
 @pytest.mark.slow
