@@ -161,10 +161,22 @@ class Split:
     val: list[Any]
 
 
-def load_split(manifest_path: Path, data_root: Path | None = None) -> Split:
+def load_split(
+    manifest_path: Path, data_root: Path | None = None, val_cases: Sequence[str] | None = None
+) -> Split:
+    """The manifest's train/val split; ``val_cases`` (ids) instead validates on those cases
+    and trains on every other train or val case (another fold of a small data set)."""
     from medseg.manifest import load_manifest
 
     m = load_manifest(manifest_path, data_root)
+    if val_cases:
+        unknown = set(val_cases) - {c.case_id for c in m.cases}
+        if unknown:
+            raise SystemExit(f"{manifest_path}: no cases {sorted(unknown)}")
+        pool = [c for c in m.cases if c.split in ("train", "val")]
+        train = [c for c in pool if c.case_id not in val_cases]
+        val = [c for c in pool if c.case_id in val_cases]
+        return Split(m, train, val)
     train = [c for c in m.cases if c.split == "train"]
     val = [c for c in m.cases if c.split == "val"]
     if not train or not val:
@@ -496,7 +508,8 @@ def bench(args: argparse.Namespace) -> None:
         pipe = load_pipeline(pipeline_path)
         assert pipe.manifest is not None
         split = load_split(
-            REPO / pipe.manifest if not pipe.manifest.is_absolute() else pipe.manifest
+            REPO / pipe.manifest if not pipe.manifest.is_absolute() else pipe.manifest,
+            val_cases=args.val_cases,
         )
         budget = args.budget_minutes or float(pipe.train.get("time_budget_minutes", 20))
         dims = 2 if dataset in ("isbi2012", "drive") else 3
@@ -516,8 +529,8 @@ def bench(args: argparse.Namespace) -> None:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         }
         old = {}
-        if RESULTS.is_file():
-            old = json.loads(RESULTS.read_text()).get("datasets", {}).get(dataset, {})
+        if args.results.is_file():
+            old = json.loads(args.results.read_text()).get("datasets", {}).get(dataset, {})
         if not args.skip_medseg:
             preds, info = run_medseg(dataset, pipeline_path, split, work, budget, dims)
             s = score_dataset(dataset, refs, preds, fovs)
@@ -564,6 +577,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="training wall clock per method (default: the pipeline's time_budget_minutes)",
+    )
+    p.add_argument(
+        "--val-cases",
+        type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+        help="validate on these case ids instead of the manifest's split (one data set)",
     )
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench_accuracy")
     p.add_argument("--results", type=Path, default=RESULTS)

@@ -126,7 +126,10 @@ def tile_layout(
 ) -> TileLayout:
     """Tiles for an image of ``spatial_shape``: forced ``tile_size`` (output side, made valid)
     or the largest that fits ``max_memory`` bytes (default: half the available memory), then
-    shrunk per axis to the smallest size needing no more tiles (fewer margin voxels)."""
+    shrunk per axis to the smallest size needing no more tiles (fewer margin voxels).
+
+    The memory estimate follows ``model`` as it will run: the lean forward when it has
+    ``lean`` set (as the :func:`inference_model` copy does), the plain forward otherwise."""
     network: dict[str, Any] = model.network  # type: ignore[assignment]
     depth = int(network["depth"])
     convs = int(network.get("convs_per_level", 2))
@@ -134,14 +137,19 @@ def tile_layout(
         default_memory_budget() if max_memory is None else max_memory, _model_device(model)
     )
     cl = default_channels_last(model)
+    lean = bool(getattr(model, "lean", False))
     if tile_size is not None:
         size = tiling.clamp_tile_size(spatial_shape, tile_size, depth, convs)
     else:
-        largest = tiling.choose_tile_size(spatial_shape, network, budget, channels_last=cl)
+        largest = tiling.choose_tile_size(
+            spatial_shape, network, budget, channels_last=cl, lean=lean
+        )
         size = tiling.balance_tile_size(spatial_shape, largest, depth, convs)
     tiles = tiling.plan_tiles(spatial_shape, size, 1 << depth)
     if batch_size is None:
-        batch_size = tiling.choose_batch_size(size, network, budget, len(tiles), channels_last=cl)
+        batch_size = tiling.choose_batch_size(
+            size, network, budget, len(tiles), channels_last=cl, lean=lean
+        )
     return TileLayout(size, tiles, max(1, int(batch_size)))
 
 
@@ -170,7 +178,9 @@ def default_channels_last(model: nn.Module) -> bool:
 def inference_model(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
     """The network as tiles run it: for a :class:`medseg.model.UNet` in eval mode a copy with
     batch norm folded into the convolutions (:func:`medseg.model.unet.fold_batch_norm`), in
-    channels-last memory format when ``channels_last`` (default: :func:`default_channels_last`).
+    channels-last memory format when ``channels_last`` (default: :func:`default_channels_last`),
+    whose forward without autograd is the memory-lean one (``lean`` set:
+    :meth:`medseg.model.unet.UNet.forward_lean`, same results, a fraction of the tile memory).
     Other modules, and models in training mode, are returned as they are."""
     from medseg.model import UNet
     from medseg.model.unet import fold_batch_norm
@@ -184,6 +194,7 @@ def inference_model(model: nn.Module, *, channels_last: bool | None = None) -> n
         fmt = torch.channels_last_3d if model.spatial_dims == 3 else torch.channels_last
         fast = fast.to(memory_format=fmt)  # type: ignore[call-overload]
     fast.channels_last = channels_last  # type: ignore[assignment]
+    fast.lean = True
     return fast
 
 
@@ -290,6 +301,8 @@ def predict_logits(
         raise ModelError(
             f"image has {image.shape[0]} channels, the model expects {network['in_channels']}"
         )
+    if prepare:  # before the layout: the prepared copy needs less memory per tile
+        model = inference_model(model)
     layout = tile_layout(
         model, image.shape[1:], tile_size=tile_size, max_memory=max_memory, batch_size=batch_size
     )
@@ -298,7 +311,7 @@ def predict_logits(
     def sink(t: tiling.Tile, logits: np.ndarray) -> None:
         out[(slice(None), *t.write.slices())] = logits
 
-    run_tiles(model, image, layout, sink, tta=tta, progress=progress, prepare=prepare)
+    run_tiles(model, image, layout, sink, tta=tta, progress=progress, prepare=False)
     return out
 
 
@@ -528,15 +541,15 @@ def predict_case(
     else:
         arr = image.materialise() if isinstance(image, LazyImage) else image
         slices = [arr[..., k] for k in range(spatial[2])]
+    fast = inference_model(model)
     # the budget covers tiles and outputs: the class map held in memory comes off the tiles'
     layout = tile_layout(
-        model,
+        fast,
         slices[0].shape[1:],
         tile_size=tile_size,
         max_memory=max(0, budget - _classes_nbytes(tuple(spatial), plan.num_classes, budget)),
     )
     total = len(layout.tiles) * len(slices)
-    fast = inference_model(model)
     # probability postprocessing steps (threshold, watershed) need them on the scan's grid
     want_probs = save_probabilities or needs_probabilities(loaded.postprocessing)
     with _output_arrays(tuple(spatial), plan.num_classes, want_probs, budget) as (

@@ -169,13 +169,21 @@ def clamp_tile_size(
 
 
 def tile_bytes(
-    size: Sequence[int], network: dict, bytes_per_value: int = 4, *, channels_last: bool = False
+    size: Sequence[int],
+    network: dict,
+    bytes_per_value: int = 4,
+    *,
+    channels_last: bool = False,
+    lean: bool = False,
 ) -> int:
     """Estimated peak memory (bytes) of one tile of output ``size``: its forward pass, plus
     the logits handed to the sink (the network output and its classes-first copy, float32)
     and their int64 argmax, which live alongside the last activations.
 
     Blocked layouts (default) pad channels to :data:`CHANNEL_BLOCK`; channels-last does not.
+    ``lean`` estimates the slab-wise inference forward
+    (:func:`medseg.model.shapes.lean_peak_activation_elements`), which
+    ``medseg.infer.inference_model`` copies run, instead of the plain forward.
     """
     safety, block = (CHANNELS_LAST_SAFETY, 1) if channels_last else (MEMORY_SAFETY, CHANNEL_BLOCK)
     out_vox = int(np.prod([int(s) for s in size]))
@@ -184,7 +192,10 @@ def tile_bytes(
         safety
         * bytes_per_value
         * shapes.peak_activation_elements(
-            tuple(int(s) for s in size), **network, channel_block=block
+            tuple(int(s) for s in size),
+            **network,
+            channel_block=block,
+            slab_rows=shapes.LEAN_SLAB_ROWS if lean else None,
         )
     )
 
@@ -196,6 +207,7 @@ def choose_tile_size(
     bytes_per_value: int = 4,
     *,
     channels_last: bool = False,
+    lean: bool = False,
 ) -> tuple[int, ...]:
     """Largest cubic-as-possible valid output tile whose forward pass fits ``budget_bytes``.
 
@@ -211,7 +223,8 @@ def choose_tile_size(
     while t < max(caps):
         t = shapes.valid_output_size(t + 1, depth, convs, "ge")
         cand = tuple(min(t, c) for c in caps)
-        if tile_bytes(cand, network, bytes_per_value, channels_last=channels_last) > budget_bytes:
+        need = tile_bytes(cand, network, bytes_per_value, channels_last=channels_last, lean=lean)
+        if need > budget_bytes:
             break
         best = cand
     return best
@@ -251,7 +264,8 @@ def choose_batch_size(
     bytes_per_value: int = 4,
     *,
     channels_last: bool = False,
+    lean: bool = False,
 ) -> int:
     """How many tiles of output ``size`` to run at once within ``budget_bytes`` (>= 1)."""
-    per = max(1, tile_bytes(size, network, bytes_per_value, channels_last=channels_last))
+    per = max(1, tile_bytes(size, network, bytes_per_value, channels_last=channels_last, lean=lean))
     return int(max(1, min(max_batch, n_tiles, budget_bytes // per)))

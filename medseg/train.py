@@ -410,9 +410,15 @@ LOG_FIELDS = [
 ]  # fmt: skip
 
 
-def write_log(path: Path, rows: list[dict[str, Any]], class_names: Sequence[str]) -> None:
+def write_log(
+    path: Path,
+    rows: list[dict[str, Any]],
+    class_names: Sequence[str],
+    region_names: Sequence[str] = (),
+) -> None:
     """Rewrite ``train_log.csv`` (atomically) with one row per epoch."""
     cols = LOG_FIELDS + [f"val_dice_{n}" for n in class_names]
+    cols += [f"val_dice_region_{n}" for n in region_names]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
@@ -794,7 +800,7 @@ def train(
         save_torch(out / CHECKPOINT_LAST, ckpt)
         if cfg.select == "last" or not val_ids:
             save_torch(out / "model.pt", state)
-        write_log(out / "train_log.csv", rows, plan.class_names)
+        write_log(out / "train_log.csv", rows, plan.class_names, list(plan.regions or {}))
 
     with bar:
         task = bar.add_task("train", total=(end_epoch - start_epoch) * ipe, loss=float("nan"))
@@ -854,6 +860,7 @@ def train(
                 row["val_loss"] = v.loss
                 row["val_dice_mean"] = round(v.mean_dice, 6)
                 row.update({f"val_dice_{k}": round(d, 6) for k, d in v.dice.items()})
+                row.update({f"val_dice_region_{k}": round(d, 6) for k, d in v.region_dice.items()})
                 if cfg.select == "last":
                     model_val = v
                 if best is None or v.mean_dice > best:

@@ -223,6 +223,19 @@ def test_brats_whole_tumour_dice_is_the_mean_over_cases(bench: ModuleType) -> No
     assert s.score == pytest.approx((1.0 + 2 * 16 / 48) / 2)
 
 
+def test_bench_split_other_fold_trains_on_every_other_case(bench: ModuleType, data_root) -> None:
+    manifest = REPO / "data_manifests" / "brats2013.json"
+    own = bench.load_split(manifest, data_root)
+    assert [c.case_id for c in own.val] == ["brats_2013_pat0005_1"]
+    other = bench.load_split(manifest, data_root, val_cases=["brats_2013_pat0004_1"])
+    assert [c.case_id for c in other.val] == ["brats_2013_pat0004_1"]
+    assert sorted(c.case_id for c in other.train) == [
+        f"brats_2013_pat000{i}_1" for i in (1, 2, 3, 5)
+    ]
+    with pytest.raises(SystemExit, match="pat0009"):
+        bench.load_split(manifest, data_root, val_cases=["brats_2013_pat0009_1"])
+
+
 # -- `medseg infer` follows the run's pipeline [infer] tta ----------------------------------------
 def _tiny_run(folder: Path, infer_table: str) -> None:
     """A model folder as `medseg train` writes it: plan.json, model.pt, pipeline.toml."""

@@ -430,6 +430,8 @@ def test_region_dice_trains_and_validation_reports_region_dice(prep: Path, tmp_p
     v = validate(res.model, prep, info["val_cases"], Plan.load(prep / "plan.json"), None)
     # one class in the region: the region Dice is that class's Dice
     assert v.region_dice["disc"] == pytest.approx(v.dice["disc"])
+    header = (tmp_path / "r" / "train_log.csv").read_text().splitlines()[0]
+    assert header.endswith("val_dice_disc,val_dice_region_disc")
 
 
 @pytest.mark.slow

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from medseg.model import UNet, shapes
+from medseg.model.unet import fold_batch_norm
 
 
 def test_paper_configuration_parameter_count_and_572_to_388() -> None:
@@ -117,3 +122,119 @@ def test_fold_batch_norm_matches_eval_batch_norm(dims: int) -> None:
     assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
     with pytest.raises(ValueError, match="eval mode"):
         fold_batch_norm(net.train())
+
+
+def _random_bn_unet(dims: int, seed: int = 0, **kw: Any) -> UNet:
+    """Random weights and non-trivial batch-norm statistics, eval mode."""
+    torch.manual_seed(seed)
+    net = UNet(dims, 2, 3, **kw)
+    for m in net.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return net.eval()
+
+
+def _valid_input(out: tuple[int, ...], depth: int, convs: int) -> list[int]:
+    return [shapes.input_size(shapes.valid_output_size(o, depth, convs), depth, convs) for o in out]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("slab", [2, 6, shapes.LEAN_SLAB_ROWS])
+def test_lean_forward_equals_plain_forward(dims: int, channels_last: bool, slab: int) -> None:
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    # (depth, convs per level, output sizes): non-cubic, crops off-centre of the slabs
+    for depth, convs, out in ((2, 2, (4, 12, 8)), (3, 1, (6, 14, 22)), (1, 3, (5, 9, 3))):
+        net = _random_bn_unet(dims, depth=depth, base_channels=3, convs_per_level=convs)
+        net.lean_slab_rows = slab
+        x = torch.randn(2, 2, *_valid_input(out[:dims], depth, convs))
+        if channels_last:
+            x = x.contiguous(memory_format=fmt)
+            net = net.to(memory_format=fmt)  # type: ignore[call-overload]
+        with torch.inference_mode():
+            ref = net(x)  # lean is off by default: the plain forward
+            got = net.forward_lean(x)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() <= 1e-5
+        assert got.is_contiguous(memory_format=fmt) == ref.is_contiguous(memory_format=fmt)
+
+
+def test_lean_flag_dispatches_only_without_autograd_in_eval() -> None:
+    net = fold_batch_norm(_random_bn_unet(3, depth=2, base_channels=2))
+    net.lean = True
+    x = torch.randn(1, 2, *_valid_input((4, 4, 20), 2, 2))
+    pools: list[int] = []
+    net.pool.register_forward_hook(lambda _m, _a, _y: pools.append(1))
+
+    def pooling_calls(grad: bool) -> int:
+        pools.clear()
+        with torch.set_grad_enabled(grad):
+            net(x)
+        return len(pools)
+
+    # the plain forward pools once per level; the lean one once per slab (>1 slab at level 0)
+    assert pooling_calls(grad=True) == 2
+    assert pooling_calls(grad=False) > 2
+    net.train()
+    assert pooling_calls(grad=False) == 2
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storages alive between operations, from every op output (views count
+    their storage once), released when the last tensor on the storage is garbage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, list[int]] = {}
+        self.peak = 0
+        self.largest = 0
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if key not in self.live:
+            self.live[key] = [nbytes, 0]
+            self.largest = max(self.largest, nbytes)
+            self.peak = max(self.peak, sum(v[0] for v in self.live.values()))
+        self.live[key][1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.live[key]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def test_lean_forward_lowers_peak_live_memory_as_estimated() -> None:
+    """Deterministic peak of the activations alive between operations (storage bytes, the
+    input included), not RSS: the lean forward never holds a full-resolution level-0 map,
+    and its peak is what ``shapes.lean_peak_activation_elements`` predicts."""
+    net = fold_batch_norm(_random_bn_unet(3, depth=2, base_channels=4))
+    out = (12, 20, 16)
+    x = torch.randn(1, 2, *_valid_input(out, 2, 2))
+    level0 = 4 * 4 * math.prod(s - 4 for s in x.shape[2:])  # float32, 4 channels
+    peaks = {}
+    for lean in (False, True):
+        net.lean = lean
+        with torch.inference_mode():
+            mode = _LiveBytes()
+            with mode:
+                mode.track(x)  # held by the caller throughout
+                net(x)
+        peaks[lean] = mode.peak
+        assert (mode.largest >= level0) is not lean
+    estimate = 4 * shapes.lean_peak_activation_elements(out, **net.network)
+    assert peaks[True] < 0.5 * peaks[False]
+    assert peaks[True] <= estimate <= 1.25 * peaks[True]

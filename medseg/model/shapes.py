@@ -140,6 +140,58 @@ def valid_input_size(n: int, depth: int, convs_per_level: int = 2, mode: str = "
     return valid_output_size(int(n) - m2, depth, convs_per_level, mode) + m2
 
 
+@dataclass(frozen=True)
+class SkipCrop:
+    """The part of an encoder level's feature map that the decoder reads: the centre box
+    ``[offset, offset + size)`` per spatial axis (voxels), ``size`` being the decoder's
+    upsampled map at that level."""
+
+    offset: tuple[int, ...]
+    size: tuple[int, ...]
+
+
+def skip_crops(
+    input_shape: tuple[int, ...], depth: int, convs_per_level: int = 2
+) -> list[SkipCrop]:
+    """The centre crop of every skip, top level (0) first, for a spatial ``input_shape``.
+
+    Known before the forward pass, so the lean inference forward
+    (:meth:`medseg.model.unet.UNet.forward_lean`) keeps only these boxes of the encoder maps.
+    ``ValueError`` if the input shape is invalid.
+    """
+    traces = [trace(int(s), depth, convs_per_level) for s in input_shape]
+    crops = []
+    for level in range(depth):
+        offset, size = [], []
+        for t in traces:
+            below = t.bottom if level == depth - 1 else t.decoder[depth - 2 - level]
+            offset.append((t.encoder[level] - 2 * below) // 2)
+            size.append(2 * below)
+        crops.append(SkipCrop(tuple(offset), tuple(size)))
+    return crops
+
+
+#: Block-output columns (last spatial axis) per slab in the lean inference forward. Slabs of
+#: 16 hold under a tenth of a 3D tile's top-level map at the usual 188..284 voxel inputs,
+#: while recomputing the 2 * (convs_per_level - 1) halo columns of the first convolutions
+#: costs about 1/16 of those convolutions.
+LEAN_SLAB_ROWS = 16
+
+
+def slab_bounds(rows: int, slab_rows: int = LEAN_SLAB_ROWS) -> list[tuple[int, int]]:
+    """``[r0, r1)`` ranges covering ``range(rows)`` (block-output voxels along the slab axis)
+    in as few balanced slabs of at most ``slab_rows`` (rounded down to even, at least 2) as
+    possible; bounds are even so that 2x2 pooling applies to each slab alone (``rows``, an
+    encoder map size, is even)."""
+    rows = int(rows)
+    cap = max(2, int(slab_rows) // 2 * 2)
+    if rows <= cap:
+        return [(0, rows)]
+    count = -(-rows // cap)
+    step = 2 * -(-rows // (2 * count))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
 def channel_widths(depth: int, base_channels: int, channel_multiplier: int = 2) -> list[int]:
     """Feature channels at each level, top (0) to bottom (``depth``)."""
     return [int(base_channels) * int(channel_multiplier) ** level for level in range(depth + 1)]
@@ -155,6 +207,7 @@ def peak_activation_elements(
     channel_multiplier: int = 2,
     convs_per_level: int = 2,
     channel_block: int = 1,
+    slab_rows: int | None = None,
     **_: object,
 ) -> int:
     """Largest number of float activations alive at once in one inference forward pass.
@@ -166,21 +219,33 @@ def peak_activation_elements(
     ignored so that ``peak_activation_elements(shape, **plan.network)`` works.
     ``channel_block`` rounds every channel count up to a multiple of it: oneDNN (PyTorch's CPU
     convolution backend) stores activations in blocked layouts padded to 8 or 16 channels.
+
+    ``slab_rows=None`` describes the plain forward (:meth:`medseg.model.unet.UNet.forward`:
+    whole encoder maps kept as skips); an integer describes the lean inference forward
+    (:meth:`medseg.model.unet.UNet.forward_lean` with that many slab rows), see
+    :func:`lean_peak_activation_elements`.
     """
+    if slab_rows is not None:
+        return lean_peak_activation_elements(
+            output_shape,
+            depth=depth,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_channels=base_channels,
+            channel_multiplier=channel_multiplier,
+            convs_per_level=convs_per_level,
+            channel_block=channel_block,
+            slab_rows=slab_rows,
+        )
     m = margin(depth, convs_per_level)
     traces = [trace(s + 2 * m, depth, convs_per_level) for s in output_shape]
 
     def rc(c: int) -> int:
-        return -(-int(c) // channel_block) * channel_block
+        return _round_channels(c, channel_block)
 
     widths = [rc(w) for w in channel_widths(depth, base_channels, channel_multiplier)]
     in_channels, out_channels = rc(in_channels), rc(out_channels)
-
-    def vox(sizes: list[int]) -> int:
-        v = 1
-        for s in sizes:
-            v *= s
-        return v
+    vox = _vox
 
     cur = vox([s + 2 * m for s in output_shape]) * in_channels
     peak = 0
@@ -215,4 +280,95 @@ def peak_activation_elements(
             peak = max(peak, skips + cur + new)
             cur = new
     peak = max(peak, cur + vox(sizes) * out_channels)
+    return int(peak)
+
+
+def _round_channels(c: int, block: int) -> int:
+    return -(-int(c) // block) * block
+
+
+def _vox(sizes: list[int] | tuple[int, ...]) -> int:
+    v = 1
+    for s in sizes:
+        v *= int(s)
+    return v
+
+
+def lean_peak_activation_elements(
+    output_shape: tuple[int, ...],
+    *,
+    depth: int,
+    in_channels: int,
+    out_channels: int,
+    base_channels: int,
+    channel_multiplier: int = 2,
+    convs_per_level: int = 2,
+    channel_block: int = 1,
+    slab_rows: int = LEAN_SLAB_ROWS,
+    **_: object,
+) -> int:
+    """Largest number of float activations alive at once in the lean inference forward
+    (:meth:`medseg.model.unet.UNet.forward_lean`), same conventions as
+    :func:`peak_activation_elements`.
+
+    Each encoder block runs slab by slab along the last axis (:func:`slab_bounds`): alive are
+    the tile input (the caller holds it for the whole pass), the level's input, the pooled
+    map and the cropped skip being filled, the skips of the levels above (centre crops only,
+    :func:`skip_crops`), and one slab's input copy, convolution outputs and pooled rows.
+    The bottom and the decoder work on whole (small) maps as in the plain forward.
+    """
+    m = margin(depth, convs_per_level)
+    n = convs_per_level
+    sizes = [int(s) + 2 * m for s in output_shape]
+    crops = skip_crops(tuple(sizes), depth, n)
+    widths = [
+        _round_channels(w, channel_block)
+        for w in channel_widths(depth, base_channels, channel_multiplier)
+    ]
+    c_in = _round_channels(in_channels, channel_block)
+    inp = _vox(sizes) * c_in
+    peak = inp
+    skips = 0
+    level_in = 0  # the level's input when it is not the tile input
+    for level in range(depth):
+        w = widths[level]
+        enc = [s - 2 * n for s in sizes]
+        bounds = slab_bounds(enc[-1], slab_rows)
+        rows = max(b - a for a, b in bounds)
+        crop = _vox(crops[level].size) * w
+        pooled = _vox([e // 2 for e in enc]) * w
+        held = inp + level_in + skips + crop + pooled
+        r, other = rows + 2 * n, sizes[:-1]
+        # a slab is a view of the level input; convolution copies it when not contiguous
+        prev = r * _vox(other) * c_in if len(bounds) > 1 else 0
+        for _c in range(n):
+            r, other = r - 2, [s - 2 for s in other]
+            new = r * _vox(other) * w
+            peak = max(peak, held + prev + new)
+            prev = new
+        peak = max(peak, held + prev + (rows // 2) * _vox([s // 2 for s in other]) * w)
+        skips += crop
+        level_in = pooled
+        sizes = [e // 2 for e in enc]
+        c_in = w
+    prev = level_in
+    for _c in range(n):
+        sizes = [s - 2 for s in sizes]
+        new = _vox(sizes) * widths[depth]
+        peak = max(peak, inp + skips + prev + new)
+        prev = new
+    cur = prev
+    for level in reversed(range(depth)):
+        w = widths[level]
+        sizes = [2 * s for s in sizes]
+        up = _vox(sizes) * w
+        peak = max(peak, inp + skips + cur + up + 2 * up)  # upsampled, concatenated
+        skips -= _vox(crops[level].size) * w
+        cur = 2 * up
+        for _c in range(n):
+            sizes = [s - 2 for s in sizes]
+            new = _vox(sizes) * w
+            peak = max(peak, inp + skips + cur + new)
+            cur = new
+    peak = max(peak, inp + cur + _vox(sizes) * _round_channels(out_channels, channel_block))
     return int(peak)

@@ -153,6 +153,11 @@ class UNet(nn.Module):
         )
         self.head = _conv(spatial_dims)(widths[0], out_channels, 1)
         self.pool = nn.MaxPool2d(2) if spatial_dims == 2 else nn.MaxPool3d(2)
+        #: run :meth:`forward_lean` instead of the plain forward when in eval mode without
+        #: autograd (set on the copy made by ``medseg.infer.inference_model``)
+        self.lean = False
+        #: block-output columns (last spatial axis) per slab in :meth:`forward_lean`
+        self.lean_slab_rows = shapes.LEAN_SLAB_ROWS
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -176,6 +181,8 @@ class UNet(nn.Module):
         return tuple(shapes.output_size(s, self.depth, self.convs_per_level) for s in input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and not self.training and not torch.is_grad_enabled():
+            return self.forward_lean(x)
         skips: list[torch.Tensor] = []
         for block in self.down:
             x = block(x)
@@ -187,6 +194,93 @@ class UNet(nn.Module):
             skip = _center_crop(skips.pop(), tuple(x.shape[2:]))
             x = block(torch.cat([skip, x], dim=1))
         return self.head(x)
+
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as the plain forward in eval mode, with less memory alive:
+        for inference only (call it under ``torch.inference_mode()`` or ``no_grad``).
+
+        Valid convolutions make a tile's top-level maps the largest tensors of the pass
+        (``~(output + 2 * margin)^3`` voxels times the base width), yet the decoder reads only
+        the centre crop of each skip (:func:`medseg.model.shapes.skip_crops`, known from the
+        input size). So every encoder block runs slab by slab along the last spatial axis
+        (block-output columns ``[r0, r1)`` need input columns ``[r0, r1 + 2 *
+        convs_per_level)``; even bounds keep each 2x2 pooling inside one slab,
+        :func:`shapes.slab_bounds`), and
+        each slab's pooled rows and the rows of it inside the skip's crop are copied into
+        preallocated tensors: the full-resolution block output is never materialised and
+        no skip is kept whole. The bottom and the decoder run as in the plain forward,
+        dropping every intermediate as soon as the next layer has consumed it. Each output
+        voxel goes through the same convolutions of the same inputs, so results equal the
+        plain forward to float32 rounding of the convolution backend. The memory format of
+        the block outputs (channels-last or not) is kept. Memory estimate:
+        :func:`medseg.model.shapes.lean_peak_activation_elements`.
+
+        Why the last axis: PyTorch sends a CPU convolution to oneDNN only when
+        ``N * C * D * H`` (the sizes before the last axis) exceeds 20480 (ATen's
+        ``ConvParams::use_mkldnn``), else to a native kernel that is several times slower;
+        slabs along the first axis fell below it (measured 6x slower at level 0), slabs
+        along the last keep it.
+        """
+        crops = shapes.skip_crops(tuple(x.shape[2:]), self.depth, self.convs_per_level)
+        skips: list[torch.Tensor] = []
+        for block, crop in zip(self.down, crops, strict=True):
+            x, skip = self._lean_level(block, x, crop)
+            skips.append(skip)
+        for layer in self.bottom:
+            x = layer(x)
+        x = self.dropout(x)
+        for up, block in zip(self.up, self.decode, strict=True):
+            x = torch.cat([skips.pop(), up(x)], dim=1)
+            for layer in block:  # rebinding x frees each input once consumed
+                x = layer(x)
+        return self.head(x)
+
+    def _lean_level(
+        self, block: nn.Module, x: torch.Tensor, crop: shapes.SkipCrop
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One encoder level slab by slab: ``(pooled block output, cropped skip)``."""
+        halo = 2 * self.convs_per_level
+        cols = x.shape[-1] - halo  # block-output size along the slab (last) axis
+        bounds = shapes.slab_bounds(cols, self.lean_slab_rows)
+        keep = [slice(o, o + s) for o, s in zip(crop.offset, crop.size, strict=True)]
+        c0, c1 = keep[-1].start, keep[-1].stop
+        lead = (slice(None), slice(None))
+        pooled: torch.Tensor | None = None
+        skip: torch.Tensor | None = None
+        for r0, r1 in bounds:
+            y = x[..., r0 : r1 + halo]
+            for layer in block:
+                y = layer(y)
+            p = self.pool(y)
+            if skip is None:
+                opts: dict[str, Any] = {
+                    "dtype": y.dtype,
+                    "device": y.device,
+                    "memory_format": _memory_format(y),
+                }
+                skip = torch.empty((*y.shape[:2], *crop.size), **opts)
+                if len(bounds) > 1:
+                    pooled = torch.empty((*p.shape[:-1], cols // 2), **opts)
+            if pooled is None or len(bounds) == 1:
+                pooled = p
+            else:
+                pooled[..., r0 // 2 : r1 // 2] = p
+            del p
+            a, b = max(r0, c0), min(r1, c1)
+            if a < b:
+                skip[..., a - c0 : b - c0] = y[(*lead, *keep[:-1], slice(a - r0, b - r0))]
+            del y
+        assert pooled is not None and skip is not None
+        return pooled, skip
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """Channels-last when ``t`` is stored that way (and not also plainly contiguous)."""
+    if t.dim() in (4, 5):
+        cl = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        if t.is_contiguous(memory_format=cl) and not t.is_contiguous():
+            return cl
+    return torch.contiguous_format
 
 
 def fold_batch_norm(model: UNet) -> UNet:
