@@ -183,11 +183,19 @@ def tile_bytes(
     Blocked layouts (default) pad channels to :data:`CHANNEL_BLOCK`; channels-last does not.
     ``lean`` estimates the slab-wise inference forward
     (:func:`medseg.model.shapes.lean_peak_activation_elements`), which
-    ``medseg.infer.inference_model`` copies run, instead of the plain forward.
+    ``medseg.infer.inference_model`` copies run, instead of the plain forward, plus two
+    float32 copies of the tile input (batch buffer, mirrored gather or channels-last copy).
     """
     safety, block = (CHANNELS_LAST_SAFETY, 1) if channels_last else (MEMORY_SAFETY, CHANNEL_BLOCK)
     out_vox = int(np.prod([int(s) for s in size]))
     logits = out_vox * (2 * 4 * int(network["out_channels"]) + 8)
+    if lean:
+        # the lean forward is small enough that the tile's input buffers matter: the batch
+        # buffer and the mirrored gather / channels-last copy (the activations count the
+        # input the forward sees once)
+        m = shapes.margin(int(network["depth"]), int(network.get("convs_per_level", 2)))
+        in_vox = int(np.prod([int(s) + 2 * m for s in size]))
+        logits += 2 * 4 * in_vox * int(network["in_channels"])
     return logits + int(
         safety
         * bytes_per_value

@@ -4,6 +4,7 @@ memory-driven tiling, model folders, whole cases on real and synthetic scans, th
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -656,3 +657,19 @@ def test_int16_ct_case_gives_the_labels_of_the_float32_whole_volume_preprocessin
     assert 0 < np.count_nonzero(want) < want.size  # labels vary: the comparison can fail
     assert got.labels.grid == scan.grid
     assert np.array_equal(got.labels.array[0], want)
+
+
+def test_inference_model_runs_lean_forward_and_stays_tiling_exact(
+    rng: np.random.Generator,
+) -> None:
+    net = random_unet(3, 1, 2, depth=2, base=4, seed=7)
+    fast = infer.inference_model(net)
+    assert getattr(fast, "lean", False) and not net.lean
+    image = rng.normal(size=(1, 47, 60, 38)).astype(np.float32)
+    ref = whole_volume_logits(net, image, [()])
+    got = infer.predict_logits(net, image, tile_size=20, prepare=True)
+    assert np.abs(got - ref).max() <= 1e-4
+    budget = 8 << 20
+    plain = infer.tile_layout(net, (300, 300, 300), max_memory=budget)
+    lean = infer.tile_layout(fast, (300, 300, 300), max_memory=budget)
+    assert math.prod(lean.size) > math.prod(plain.size)

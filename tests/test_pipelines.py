@@ -107,12 +107,36 @@ def test_drive_plan_is_2d_rgb(data_root: Path) -> None:
     assert plan.label_values == [0, 255]
 
 
-def test_brats_plan_is_3d_unnormalised_with_brats_regions(data_root: Path) -> None:
+def test_brats_plan_is_3d_brain_zscored_with_brats_regions(data_root: Path) -> None:
     plan = _plan("brats2013", data_root)
     assert plan.spatial_dims == 3 and plan.in_channels == 2
-    assert [c.normalisation for c in plan.channels] == ["none", "none"]
+    assert [c.normalisation for c in plan.channels] == ["zscore_nonzero", "zscore_nonzero"]
+    assert plan.crop_to_nonzero
     assert plan.label_values == [0, 1, 2, 3, 4]
     assert plan.regions == {"whole": [1, 2, 3, 4], "core": [1, 3, 4], "enhancing": [4]}
+
+
+def test_brats_cases_share_one_background_value_after_preprocessing(data_root: Path) -> None:
+    """The source z-scored each scan inside the brain, so the constant outside it differs per
+    case (FLAIR -3.6 in pat0001, -5.3 in pat0004); a network trained on one background and
+    shown another floods it with tumour. Re-z-scoring inside the brain sets it to 0."""
+    import nibabel as nib
+
+    from medseg.io import read_volume
+    from medseg.preprocess.pipeline import preprocess_case
+
+    plan = _plan("brats2013", data_root)
+    for case in ("brats_2013_pat0001_1", "brats_2013_pat0004_1"):
+        folder = data_root / "brats2013" / case
+        raw = nib.load(folder / "Flair_subtrMeanDivStd.nii.gz").get_fdata()
+        images = [read_volume(folder / f"{ch}_subtrMeanDivStd.nii.gz") for ch in ("Flair", "T1c")]
+        out = preprocess_case(images, plan).image.array
+        for c in range(2):  # outside the brain 0 (up to the resampling's ringing), not -3.6
+            assert np.mean(np.abs(out[c]) < 1e-3) > 0.1
+        assert np.mean(np.abs(out[0] - raw[0, 0, 0]) < 1e-2) < 0.01
+        brain = raw != raw[0, 0, 0]
+        assert abs(raw[brain].mean()) < 0.2  # the source's own z-scoring, for scale
+        assert abs(float(out[0][out[0] != 0].mean())) < 0.05
 
 
 @pytest.mark.parametrize("name", PIPELINES)

@@ -104,3 +104,50 @@ def test_peak_activation_counts_at_least_largest_layer_output() -> None:
     est = shapes.peak_activation_elements((12, 12, 12), **net.network)
     assert est >= max(sizes) + 2 * 12**3
     assert est <= 4 * sum(sizes)
+
+
+@pytest.mark.parametrize("depth,convs", [(1, 2), (2, 1), (3, 2)])
+def test_skip_crops_match_the_crops_of_the_network(depth: int, convs: int) -> None:
+    with torch.device("meta"):
+        net = UNet(3, 1, 2, depth=depth, base_channels=2, convs_per_level=convs)
+    enc: list[tuple[int, ...]] = []
+    ups: list[tuple[int, ...]] = []
+    for block in net.down:
+        block.register_forward_hook(lambda _m, _a, y: enc.append(tuple(y.shape[2:])))
+    for up in net.up:
+        up.register_forward_hook(lambda _m, _a, y: ups.append(tuple(y.shape[2:])))
+    size = tuple(
+        shapes.input_size(shapes.valid_output_size(o, depth, convs), depth, convs)
+        for o in (3, 11, 6)
+    )
+    with torch.device("meta"):
+        net(torch.empty(1, 1, *size))
+    crops = shapes.skip_crops(size, depth, convs)
+    for level, crop in enumerate(crops):
+        up = ups[depth - 1 - level]
+        assert crop.size == up
+        assert crop.offset == tuple((e - u) // 2 for e, u in zip(enc[level], up, strict=True))
+
+
+@pytest.mark.parametrize("rows", [2, 4, 16, 18, 40, 184, 230])
+@pytest.mark.parametrize("cap", [1, 2, 5, 16])
+def test_slab_bounds_cover_rows_with_even_bounds_within_cap(rows: int, cap: int) -> None:
+    bounds = shapes.slab_bounds(rows, cap)
+    assert bounds[0][0] == 0 and bounds[-1][1] == rows
+    assert all(b0[1] == b1[0] for b0, b1 in zip(bounds[:-1], bounds[1:], strict=True))
+    assert all(a % 2 == 0 and b % 2 == 0 and a < b for a, b in bounds)
+    limit = max(2, cap // 2 * 2)
+    assert max(b - a for a, b in bounds) <= limit
+    assert len(bounds) == -(-rows // limit)
+
+
+def test_lean_peak_is_far_below_plain_peak_for_large_3d_tiles() -> None:
+    net = {"depth": 4, "in_channels": 1, "out_channels": 5, "base_channels": 8}
+    for out in (4, 52, 100):
+        plain = shapes.peak_activation_elements((out,) * 3, **net)
+        lean = shapes.peak_activation_elements((out,) * 3, **net, slab_rows=16)
+        assert lean == shapes.lean_peak_activation_elements((out,) * 3, **net)
+        # at least the tile input (held throughout) and the pooled level-0 map
+        top = out + 2 * shapes.margin(4)
+        assert lean >= top**3 + ((top - 4) // 2) ** 3 * 8
+        assert lean < 0.25 * plain

@@ -116,3 +116,16 @@ def test_balance_tile_size_keeps_tile_count_and_shrinks_margin_work() -> None:
         len(tiling.plan_tiles(shape, t, step)) * np.prod([s + 2 * m for s in t]) for t in (big, bal)
     ]
     assert work[1] < work[0]
+
+
+def test_lean_estimate_allows_larger_tiles_within_the_same_budget() -> None:
+    net = {"spatial_dims": 3, "in_channels": 1, "out_channels": 5, "depth": 4, "base_channels": 8}
+    for size in ((4, 4, 4), (52, 52, 52)):
+        lean = tiling.tile_bytes(size, net, channels_last=True, lean=True)
+        assert lean < 0.5 * tiling.tile_bytes(size, net, channels_last=True)
+    budget = tiling.tile_bytes((52, 52, 52), net, channels_last=True)
+    plain = tiling.choose_tile_size((400, 400, 400), net, budget, channels_last=True)
+    lean_size = tiling.choose_tile_size((400, 400, 400), net, budget, channels_last=True, lean=True)
+    assert plain == (52, 52, 52) and min(lean_size) > 52
+    assert tiling.tile_bytes(lean_size, net, channels_last=True, lean=True) <= budget
+    assert tiling.choose_batch_size((52,) * 3, net, budget, 8, channels_last=True, lean=True) > 1

@@ -231,7 +231,7 @@ class UNet(nn.Module):
         x = self.dropout(x)
         for up, block in zip(self.up, self.decode, strict=True):
             x = torch.cat([skips.pop(), up(x)], dim=1)
-            for layer in block:  # rebinding x frees each input once consumed
+            for layer in block.children():  # rebinding x frees each input once consumed
                 x = layer(x)
         return self.head(x)
 
@@ -249,7 +249,7 @@ class UNet(nn.Module):
         skip: torch.Tensor | None = None
         for r0, r1 in bounds:
             y = x[..., r0 : r1 + halo]
-            for layer in block:
+            for layer in block.children():
                 y = layer(y)
             p = self.pool(y)
             if skip is None:
