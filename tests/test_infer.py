@@ -673,3 +673,43 @@ def test_inference_model_runs_lean_forward_and_stays_tiling_exact(
     plain = infer.tile_layout(net, (300, 300, 300), max_memory=budget)
     lean = infer.tile_layout(fast, (300, 300, 300), max_memory=budget)
     assert math.prod(lean.size) > math.prod(plain.size)
+
+
+_FREED_SCRIPT = """
+import sys
+import numpy as np
+from medseg.infer import return_freed_memory
+
+def rss_kib():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith("VmRSS"))
+
+if sys.argv[1] == "set" and not return_freed_memory():
+    print("skip")
+    raise SystemExit
+a = np.ones(16 << 20, np.uint8)  # freeing an mmapped block raises glibc's dynamic threshold
+del a
+base = rss_kib()
+b = np.ones(8 << 20, np.uint8)  # below the raised threshold: from the heap, unless set
+c = np.ones(1 << 16, np.uint8)  # a live block above it: the heap cannot shrink past it
+del b
+print(rss_kib() - base)
+del c
+"""
+
+
+def test_return_freed_memory_gives_large_blocks_back_to_the_system() -> None:
+    import subprocess
+    import sys
+
+    def grown_kib(mode: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", _FREED_SCRIPT, mode], capture_output=True, text=True, check=True
+        )
+        return run.stdout.strip()
+
+    got = grown_kib("set")
+    if got == "skip":
+        pytest.skip("no glibc mallopt on this platform")
+    assert int(got) < 1024  # the 8 MiB block went back
+    assert int(grown_kib("default")) > 4096  # without it glibc keeps it (the control)
