@@ -193,7 +193,10 @@ def _check_step(step: dict[str, Any]) -> None:
         if not (
             isinstance(regions, list)
             and regions
-            and all(isinstance(r, list) and r and all(int(c) >= 1 for c in r) for r in regions)
+            and all(
+                isinstance(r, list) and r and all(isinstance(c, int) and c >= 1 for c in r)
+                for r in regions
+            )
         ):
             raise PlanError(
                 f"postprocessing step {step!r} needs 'regions': lists of classes >= 1, "

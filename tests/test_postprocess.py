@@ -305,10 +305,9 @@ def test_decide_keeps_region_decode_when_the_argmax_loses_split_tumour():
 
 def test_region_decode_refuses_bad_steps():
     p = _dirichlet((4, 4), classes=3)
-    with pytest.raises(PlanError, match="regions"):
-        apply_postprocessing(
-            np.zeros((4, 4), np.int16), (1.0, 1.0), {"steps": [{"op": "region_decode"}]}, p
-        )
+    for bad in ({"op": "region_decode"}, {"op": "region_decode", "regions": [["a"]]}):
+        with pytest.raises(PlanError, match="regions"):
+            apply_postprocessing(np.zeros((4, 4), np.int16), (1.0, 1.0), {"steps": [bad]}, p)
     with pytest.raises(PlanError, match="not among"):
         apply_postprocessing(
             np.zeros((4, 4), np.int16),
