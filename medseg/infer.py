@@ -145,6 +145,21 @@ def tile_layout(
             spatial_shape, network, budget, channels_last=cl, lean=lean
         )
         size = tiling.balance_tile_size(spatial_shape, largest, depth, convs)
+        if lean:
+            # the lean forward is slower per voxel (measured 1.25x on one 196^3 tile): use it
+            # only where its smaller memory buys fewer tiles than the plain forward gets
+            plain = tiling.balance_tile_size(
+                spatial_shape,
+                tiling.choose_tile_size(spatial_shape, network, budget, channels_last=cl),
+                depth,
+                convs,
+            )
+            step = 1 << depth
+            if len(tiling.plan_tiles(spatial_shape, plain, step)) <= len(
+                tiling.plan_tiles(spatial_shape, size, step)
+            ):
+                size, lean = plain, False
+                model.lean = False  # type: ignore[assignment]
     tiles = tiling.plan_tiles(spatial_shape, size, 1 << depth)
     if batch_size is None:
         batch_size = tiling.choose_batch_size(
