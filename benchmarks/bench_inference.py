@@ -406,14 +406,14 @@ def main() -> None:
     with torch.inference_mode():
         infer.run_tiles(fast, image, auto, lambda t, o: None, prepare=False)
     counter.remove()
-    t_api = _time(lambda: infer.predict_logits(net, image))
+    t_api = _time(lambda: infer.predict_logits(net, image, prepare=True))
     # the path before inference preparation: contiguous layout, batch norm not folded
     t_plain = _time(
         lambda: infer.run_tiles(net, image, auto, sink, prepare=False, channels_last=False)
     )
     gib = 4 << 30
     forced = infer.tile_layout(net, size, max_memory=gib)
-    t_forced = _time(lambda: infer.predict_logits(net, image, max_memory=gib))
+    t_forced = _time(lambda: infer.predict_logits(net, image, max_memory=gib, prepare=True))
     print(f"whole-volume forward        {t_whole:8.2f} s  (same prepared network, one pass)")
     print(
         f"tiled, auto budget          {t_auto:8.2f} s  tiles {len(auto.tiles)} of {auto.size}"
