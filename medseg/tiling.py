@@ -196,15 +196,11 @@ def tile_bytes(
         m = shapes.margin(int(network["depth"]), int(network.get("convs_per_level", 2)))
         in_vox = int(np.prod([int(s) + 2 * m for s in size]))
         logits += 2 * 4 * in_vox * int(network["in_channels"])
+    activations = shapes.lean_peak_activation_elements if lean else shapes.peak_activation_elements
     return logits + int(
         safety
         * bytes_per_value
-        * shapes.peak_activation_elements(
-            tuple(int(s) for s in size),
-            **network,
-            channel_block=block,
-            slab_rows=shapes.LEAN_SLAB_ROWS if lean else None,
-        )
+        * activations(tuple(int(s) for s in size), **network, channel_block=block)
     )
 
 

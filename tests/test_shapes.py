@@ -145,7 +145,7 @@ def test_lean_peak_is_far_below_plain_peak_for_large_3d_tiles() -> None:
     net = {"depth": 4, "in_channels": 1, "out_channels": 5, "base_channels": 8}
     for out in (4, 52, 100):
         plain = shapes.peak_activation_elements((out,) * 3, **net)
-        lean = shapes.peak_activation_elements((out,) * 3, **net, slab_rows=16)
+        lean = shapes.lean_peak_activation_elements((out,) * 3, **net, slab_rows=16)
         assert lean == shapes.lean_peak_activation_elements((out,) * 3, **net)
         # at least the tile input (held throughout) and the pooled level-0 map
         top = out + 2 * shapes.margin(4)

@@ -207,7 +207,6 @@ def peak_activation_elements(
     channel_multiplier: int = 2,
     convs_per_level: int = 2,
     channel_block: int = 1,
-    slab_rows: int | None = None,
     **_: object,
 ) -> int:
     """Largest number of float activations alive at once in one inference forward pass.
@@ -220,23 +219,9 @@ def peak_activation_elements(
     ``channel_block`` rounds every channel count up to a multiple of it: oneDNN (PyTorch's CPU
     convolution backend) stores activations in blocked layouts padded to 8 or 16 channels.
 
-    ``slab_rows=None`` describes the plain forward (:meth:`medseg.model.unet.UNet.forward`:
-    whole encoder maps kept as skips); an integer describes the lean inference forward
-    (:meth:`medseg.model.unet.UNet.forward_lean` with that many slab rows), see
-    :func:`lean_peak_activation_elements`.
+    This is the plain forward (:meth:`medseg.model.unet.UNet.forward`: whole encoder maps
+    kept as skips); the lean inference forward has :func:`lean_peak_activation_elements`.
     """
-    if slab_rows is not None:
-        return lean_peak_activation_elements(
-            output_shape,
-            depth=depth,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            base_channels=base_channels,
-            channel_multiplier=channel_multiplier,
-            convs_per_level=convs_per_level,
-            channel_block=channel_block,
-            slab_rows=slab_rows,
-        )
     m = margin(depth, convs_per_level)
     traces = [trace(s + 2 * m, depth, convs_per_level) for s in output_shape]
 
