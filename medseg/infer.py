@@ -109,11 +109,13 @@ def _flip_sets(tta: str | Sequence[int] | None, dims: int) -> list[tuple[int, ..
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TileLayout:
-    """How an image is cut: output tile size, the tiles, and how many run per batch."""
+    """How an image is cut: output tile size, the tiles, how many run per batch, and whether
+    they run through the memory-lean forward (:meth:`medseg.model.unet.UNet.forward_lean`)."""
 
     size: tuple[int, ...]
     tiles: list[tiling.Tile]
     batch_size: int
+    lean: bool = False
 
 
 def tile_layout(
@@ -128,8 +130,9 @@ def tile_layout(
     or the largest that fits ``max_memory`` bytes (default: half the available memory), then
     shrunk per axis to the smallest size needing no more tiles (fewer margin voxels).
 
-    The memory estimate follows ``model`` as it will run: the lean forward when it has
-    ``lean`` set (as the :func:`inference_model` copy does), the plain forward otherwise."""
+    A model with ``lean`` set (the :func:`inference_model` copy) may run its tiles through the
+    lean forward; the layout says whether it does (``lean``), and the memory estimate follows
+    the forward it names."""
     network: dict[str, Any] = model.network  # type: ignore[assignment]
     depth = int(network["depth"])
     convs = int(network.get("convs_per_level", 2))
@@ -159,13 +162,12 @@ def tile_layout(
                 tiling.plan_tiles(spatial_shape, size, step)
             ):
                 size, lean = plain, False
-                model.lean = False  # type: ignore[assignment]
     tiles = tiling.plan_tiles(spatial_shape, size, 1 << depth)
     if batch_size is None:
         batch_size = tiling.choose_batch_size(
             size, network, budget, len(tiles), channels_last=cl, lean=lean
         )
-    return TileLayout(size, tiles, max(1, int(batch_size)))
+    return TileLayout(size, tiles, max(1, int(batch_size)), lean)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -194,8 +196,8 @@ def inference_model(model: nn.Module, *, channels_last: bool | None = None) -> n
     """The network as tiles run it: for a :class:`medseg.model.UNet` in eval mode a copy with
     batch norm folded into the convolutions (:func:`medseg.model.unet.fold_batch_norm`), in
     channels-last memory format when ``channels_last`` (default: :func:`default_channels_last`),
-    whose forward without autograd is the memory-lean one (``lean`` set:
-    :meth:`medseg.model.unet.UNet.forward_lean`, same results, a fraction of the tile memory).
+    marked ``lean``: :func:`tile_layout` may then run its tiles through
+    :meth:`medseg.model.unet.UNet.forward_lean` (same results, a fraction of the tile memory).
     Other modules, and models in training mode, are returned as they are."""
     from medseg.model import UNet
     from medseg.model.unet import fold_batch_norm
@@ -243,6 +245,9 @@ def run_tiles(
     dims = image.ndim - 1
     margin = int(model.margin)  # type: ignore[arg-type]
     flips = _flip_sets(tta, dims)
+    forward: Callable[[torch.Tensor], torch.Tensor] = (
+        model.forward_lean if layout.lean else model  # type: ignore[assignment,operator]
+    )
     device = _model_device(model)
     total = len(layout.tiles) if total is None else total
     fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
@@ -262,7 +267,7 @@ def run_tiles(
             acc: torch.Tensor | None = None
             for axes in flips:
                 fd = [2 + a for a in axes]
-                y = model(torch.flip(xt, fd) if fd else xt)
+                y = forward(torch.flip(xt, fd) if fd else xt)
                 y = (torch.flip(y, fd) if fd else y).float()
                 acc = y if acc is None else acc + y
             assert acc is not None

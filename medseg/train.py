@@ -58,6 +58,7 @@ class TrainConfig:
     schedule then follows whichever of steps and time runs out first, and training stops early
     enough to leave time for the final validation. ``region_dice`` takes the Dice terms of
     the loss over the plan's regions (the manifest's ``regions``) instead of single classes.
+    ``amp`` trains under bf16 autocast where :func:`bf16_autocast` finds native bf16.
     """
 
     epochs: int = 50
@@ -581,6 +582,31 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def bf16_autocast(device: torch.device) -> bool:
+    """Whether bf16 autocast makes training faster on ``device``: on CUDA, and on a CPU whose
+    oneDNN has native bf16 (AMX tiles or AVX512-BF16). Elsewhere bf16 is emulated and slower.
+    Measured on this project's 2-core Xeon (AMX), channels-last: DRIVE's 2D network (depth 3,
+    base 32, batch 2 of 164x164 outputs) 0.40 -> 0.16 s per step, BraTS-sized 3D 1.64 -> 1.07 s.
+    The weights, the optimiser and the loss stay float32 (mixed precision, as nnU-Net trains
+    on GPUs)."""
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def _memory_format(device: torch.device, spatial_dims: int) -> torch.memory_format:
+    """Channels-last on the CPU, where oneDNN convolves NHWC/NDHWC without reordering around
+    every batch norm, ReLU and pooling; CUDA keeps the contiguous layout cuDNN expects."""
+    if device.type != "cpu":
+        return torch.contiguous_format
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
 def _list_cases(prep_dir: Path) -> list[str]:
     from medseg.preprocess.cache import list_cases
 
@@ -696,7 +722,8 @@ def train(
             f"{prep / 'plan.json'}: margin {plan.margin} does not match the network's "
             f"{model.margin}; regenerate the plan with medseg preprocess"
         )
-    model.to(dev)
+    fmt = _memory_format(dev, plan.spatial_dims)
+    model.to(dev, memory_format=fmt)  # type: ignore[call-overload]
     lr0 = cfg.learning_rate
     opt: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
@@ -766,7 +793,7 @@ def train(
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     batches = iter(loader)
-    autocast = cfg.amp and dev.type == "cuda"
+    autocast = cfg.amp and bf16_autocast(dev)
     budget = cfg.time_budget_minutes * 60.0 if cfg.time_budget_minutes else None
     writer = _tensorboard(out) if (cfg.tensorboard and info.is_main) else None
     t_start = time.perf_counter()
@@ -811,7 +838,7 @@ def train(
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - t0
-                x = batch["image"].to(dev, non_blocking=True)
+                x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
                 y = batch["label"].to(dev, non_blocking=True)
                 w = batch["weights"].to(dev, non_blocking=True) if "weights" in batch else None
                 progress_frac = step / total_steps
@@ -926,6 +953,7 @@ def train(
                 "seconds": round(elapsed(), 1),
                 "world_size": info.world_size,
                 "device": str(dev),
+                "precision": "bf16 autocast" if autocast else "float32",
                 "config": {k: v for k, v in asdict(cfg).items() if v is not None},
             },
         )

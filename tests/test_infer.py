@@ -672,7 +672,29 @@ def test_inference_model_runs_lean_forward_and_stays_tiling_exact(
     budget = 8 << 20
     plain = infer.tile_layout(net, (300, 300, 300), max_memory=budget)
     lean = infer.tile_layout(fast, (300, 300, 300), max_memory=budget)
+    assert lean.lean and not plain.lean
     assert math.prod(lean.size) > math.prod(plain.size)
+
+
+def test_tile_layout_names_the_forward_and_run_tiles_runs_it(rng: np.random.Generator) -> None:
+    """The lean forward only where it buys fewer tiles; the layout says so and leaves the
+    model as it was, and ``run_tiles`` runs the forward the layout names (the plain forward
+    pools once per level and pass, the lean one once per slab)."""
+    net = random_unet(3, 1, 2, depth=2, base=4, seed=7)
+    fast = infer.inference_model(net)
+    small = infer.tile_layout(fast, (20, 24, 20), max_memory=1 << 30)
+    large = infer.tile_layout(fast, (300, 300, 300), max_memory=8 << 20)
+    assert not small.lean and large.lean
+    assert fast.lean  # tile_layout decides per layout; the copy keeps its capability
+    pools: list[int] = []
+    hook = fast.pool.register_forward_hook(lambda _m, _a, _y: pools.append(1))
+    image = rng.normal(size=(1, 20, 24, 20)).astype(np.float32)
+    for lean, calls in ((False, lambda n: n == 2), (True, lambda n: n > 2)):
+        layout = infer.TileLayout(small.size, small.tiles[:1], 1, lean)
+        pools.clear()
+        infer.run_tiles(fast, image, layout, lambda _t, _o: None, prepare=False)
+        assert calls(len(pools)), (lean, len(pools))
+    hook.remove()
 
 
 _FREED_SCRIPT = """

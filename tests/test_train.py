@@ -24,6 +24,7 @@ from medseg.model import UNet, shapes  # noqa: E402
 from medseg.preprocess.plan import ChannelPlan, Plan  # noqa: E402
 from medseg.train import (  # noqa: E402
     CHECKPOINT_LAST,
+    bf16_autocast,
     fold_cases,
     load_or_create_splits,
     make_splits,
@@ -139,6 +140,28 @@ def test_training_writes_a_run_folder_that_inference_loads(prep: Path, tmp_path:
     infer = pytest.importorskip("medseg.infer")
     loaded = infer.load_model(out)
     assert loaded.plan.network == _plan().network
+
+
+def test_bf16_autocast_keeps_float32_weights_and_follows_the_float32_run(
+    prep: Path, tmp_path: Path
+) -> None:
+    if not bf16_autocast(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16 (no AMX, no AVX512-BF16)")
+    first_loss = {}
+    for amp in (False, True):
+        out = tmp_path / f"amp_{amp}"
+        res = train(
+            _pipeline(prep, amp=amp), out, epochs=1, device="cpu", progress=False,
+            deterministic=True,
+        )  # fmt: skip
+        record = json.loads((out / "training.json").read_text())
+        assert record["precision"] == ("bf16 autocast" if amp else "float32")
+        state = torch.load(out / "model.pt", weights_only=True)
+        assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+        first_loss[amp] = res.log[0]["train_loss"]
+    # same batches, same start: bf16 rounding moves the loss a little, and only a little
+    assert first_loss[True] != first_loss[False]
+    assert first_loss[True] == pytest.approx(first_loss[False], rel=0.05)
 
 
 def test_resume_2_plus_2_epochs_equals_4_epochs_exactly(prep: Path, tmp_path: Path) -> None:

@@ -164,26 +164,6 @@ def test_lean_forward_equals_plain_forward(dims: int, channels_last: bool, slab:
         assert got.is_contiguous(memory_format=fmt) == ref.is_contiguous(memory_format=fmt)
 
 
-def test_lean_flag_dispatches_only_without_autograd_in_eval() -> None:
-    net = fold_batch_norm(_random_bn_unet(3, depth=2, base_channels=2))
-    net.lean = True
-    x = torch.randn(1, 2, *_valid_input((4, 4, 20), 2, 2))
-    pools: list[int] = []
-    net.pool.register_forward_hook(lambda _m, _a, _y: pools.append(1))
-
-    def pooling_calls(grad: bool) -> int:
-        pools.clear()
-        with torch.set_grad_enabled(grad):
-            net(x)
-        return len(pools)
-
-    # the plain forward pools once per level; the lean one once per slab (>1 slab at level 0)
-    assert pooling_calls(grad=True) == 2
-    assert pooling_calls(grad=False) > 2
-    net.train()
-    assert pooling_calls(grad=False) == 2
-
-
 class _LiveBytes(TorchDispatchMode):
     """Bytes of tensor storages alive between operations, from every op output (views count
     their storage once), released when the last tensor on the storage is garbage."""
@@ -228,12 +208,12 @@ def test_lean_forward_lowers_peak_live_memory_as_estimated() -> None:
     level0 = 4 * 4 * math.prod(s - 4 for s in x.shape[2:])  # float32, 4 channels
     peaks = {}
     for lean in (False, True):
-        net.lean = lean
+        forward = net.forward_lean if lean else net
         with torch.inference_mode():
             mode = _LiveBytes()
             with mode:
                 mode.track(x)  # held by the caller throughout
-                net(x)
+                forward(x)
         peaks[lean] = mode.peak
         assert (mode.largest >= level0) is not lean
     estimate = 4 * shapes.lean_peak_activation_elements(out, **net.network)

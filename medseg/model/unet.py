@@ -153,8 +153,8 @@ class UNet(nn.Module):
         )
         self.head = _conv(spatial_dims)(widths[0], out_channels, 1)
         self.pool = nn.MaxPool2d(2) if spatial_dims == 2 else nn.MaxPool3d(2)
-        #: run :meth:`forward_lean` instead of the plain forward when in eval mode without
-        #: autograd (set on the copy made by ``medseg.infer.inference_model``)
+        #: tiles may run through :meth:`forward_lean` (set on the copy that
+        #: ``medseg.infer.inference_model`` makes; ``medseg.infer.tile_layout`` decides)
         self.lean = False
         #: block-output columns (last spatial axis) per slab in :meth:`forward_lean`
         self.lean_slab_rows = shapes.LEAN_SLAB_ROWS
@@ -181,8 +181,6 @@ class UNet(nn.Module):
         return tuple(shapes.output_size(s, self.depth, self.convs_per_level) for s in input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lean and not self.training and not torch.is_grad_enabled():
-            return self.forward_lean(x)
         skips: list[torch.Tensor] = []
         for block in self.down:
             x = block(x)
