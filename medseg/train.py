@@ -50,6 +50,13 @@ CHECKPOINT_BEST = "checkpoint_best.pt"
 
 
 # -- configuration ------------------------------------------------------------------------------
+#: ``[train]`` options that are on/off switches: a quoted "false" would otherwise read as true
+_SWITCHES = (
+    "include_background", "batch_dice", "region_dice", "deterministic", "amp", "tensorboard",
+    "postprocess",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """``[train]`` options of a pipeline TOML (defaults: nnU-Net's where it has one).
@@ -101,6 +108,12 @@ class TrainConfig:
                 raise PlanError(f"[train] {name} must be >= 1")
         if self.workers < 0:
             raise PlanError("[train] workers must be >= 0")
+        for name in _SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise PlanError(
+                    f"[train] {name} = {getattr(self, name)!r} must be true or false (a TOML "
+                    "boolean, unquoted)"
+                )
         if self.postprocess_metric not in ("dice", "rand"):
             raise PlanError(
                 f"[train] postprocess_metric {self.postprocess_metric!r} must be 'dice' or "

@@ -24,6 +24,7 @@ from medseg.model import UNet, shapes  # noqa: E402
 from medseg.preprocess.plan import ChannelPlan, Plan  # noqa: E402
 from medseg.train import (  # noqa: E402
     CHECKPOINT_LAST,
+    TrainConfig,
     bf16_autocast,
     fold_cases,
     load_or_create_splits,
@@ -267,6 +268,13 @@ def test_weighted_loss_trains_on_the_cached_weight_maps(prep: Path, tmp_path: Pa
         _pipeline(prep, loss="weighted_ce"), tmp_path / "w", epochs=1, device="cpu", progress=False
     )
     assert np.isfinite(res.log[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("key", ["amp", "batch_dice", "postprocess"])
+def test_switches_that_are_not_booleans_fail_naming_the_key(key: str) -> None:
+    with pytest.raises(PlanError, match=rf"\[train\] {key} = 'false' must be true or false"):
+        TrainConfig.from_dict({key: "false"})
+    assert getattr(TrainConfig.from_dict({key: False}), key) is False
 
 
 def test_weighted_loss_without_weight_maps_is_a_clear_error(tmp_path: Path) -> None:
