@@ -141,13 +141,16 @@ def tile_layout(
     )
     cl = default_channels_last(model)
     lean = bool(getattr(model, "lean", False))
+    step = 1 << depth
     if tile_size is not None:
         size = tiling.clamp_tile_size(spatial_shape, tile_size, depth, convs)
+        tiles = tiling.plan_tiles(spatial_shape, size, step)
     else:
         largest = tiling.choose_tile_size(
             spatial_shape, network, budget, channels_last=cl, lean=lean
         )
         size = tiling.balance_tile_size(spatial_shape, largest, depth, convs)
+        tiles = tiling.plan_tiles(spatial_shape, size, step)
         if lean:
             # the lean forward is slower per voxel (measured 1.25x on one 196^3 tile): use it
             # only where its smaller memory buys fewer tiles than the plain forward gets
@@ -157,12 +160,9 @@ def tile_layout(
                 depth,
                 convs,
             )
-            step = 1 << depth
-            if len(tiling.plan_tiles(spatial_shape, plain, step)) <= len(
-                tiling.plan_tiles(spatial_shape, size, step)
-            ):
-                size, lean = plain, False
-    tiles = tiling.plan_tiles(spatial_shape, size, 1 << depth)
+            plain_tiles = tiling.plan_tiles(spatial_shape, plain, step)
+            if len(plain_tiles) <= len(tiles):
+                size, tiles, lean = plain, plain_tiles, False
     if batch_size is None:
         batch_size = tiling.choose_batch_size(
             size, network, budget, len(tiles), channels_last=cl, lean=lean
@@ -200,7 +200,7 @@ def inference_model(model: nn.Module, *, channels_last: bool | None = None) -> n
     :meth:`medseg.model.unet.UNet.forward_lean` (same results, a fraction of the tile memory).
     Other modules, and models in training mode, are returned as they are."""
     from medseg.model import UNet
-    from medseg.model.unet import fold_batch_norm
+    from medseg.model.unet import channels_last_format, fold_batch_norm
 
     if not isinstance(model, UNet) or model.training:
         return model
@@ -208,8 +208,7 @@ def inference_model(model: nn.Module, *, channels_last: bool | None = None) -> n
         channels_last = default_channels_last(model)
     fast = fold_batch_norm(model)
     if channels_last:
-        fmt = torch.channels_last_3d if model.spatial_dims == 3 else torch.channels_last
-        fast = fast.to(memory_format=fmt)  # type: ignore[call-overload]
+        fast = fast.to(memory_format=channels_last_format(model.spatial_dims))  # type: ignore[call-overload]
     fast.channels_last = channels_last  # type: ignore[assignment]
     fast.lean = True
     return fast
@@ -239,6 +238,8 @@ def run_tiles(
     under autocast and the result is cast to float32 before averaging and stitching.
     Returns the number of tiles done (``done`` + this image's tiles) for the progress count.
     """
+    from medseg.model.unet import channels_last_format
+
     if prepare:
         model = inference_model(model, channels_last=channels_last)
     cl = bool(getattr(model, "channels_last", False)) if channels_last is None else channels_last
@@ -250,7 +251,7 @@ def run_tiles(
     )
     device = _model_device(model)
     total = len(layout.tiles) if total is None else total
-    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    fmt = channels_last_format(dims)
     in_size = tuple(s + 2 * margin for s in layout.size)
     buf = np.empty(
         (min(layout.batch_size, len(layout.tiles)), image.shape[0], *in_size), np.float32

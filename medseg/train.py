@@ -615,9 +615,11 @@ def bf16_autocast(device: torch.device) -> bool:
 def _memory_format(device: torch.device, spatial_dims: int) -> torch.memory_format:
     """Channels-last on the CPU, where oneDNN convolves NHWC/NDHWC without reordering around
     every batch norm, ReLU and pooling; CUDA keeps the contiguous layout cuDNN expects."""
+    from medseg.model.unet import channels_last_format
+
     if device.type != "cpu":
         return torch.contiguous_format
-    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+    return channels_last_format(spatial_dims)
 
 
 def _list_cases(prep_dir: Path) -> list[str]:

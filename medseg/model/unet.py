@@ -272,10 +272,15 @@ class UNet(nn.Module):
         return pooled, skip
 
 
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """The channels-last memory format of 2D (NHWC) or 3D (NDHWC) activations."""
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     """Channels-last when ``t`` is stored that way (and not also plainly contiguous)."""
     if t.dim() in (4, 5):
-        cl = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        cl = channels_last_format(t.dim() - 2)
         if t.is_contiguous(memory_format=cl) and not t.is_contiguous():
             return cl
     return torch.contiguous_format
