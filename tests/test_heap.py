@@ -1,0 +1,152 @@
+"""glibc heap modes: freed blocks given back (resident memory, ``VmRSS``) or kept for reuse
+(page faults, ``ru_minflt``), measured by the kernel in fresh subprocesses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medseg import heap, infer
+from medseg.model import UNet
+
+_RETURN_SCRIPT = """
+import sys
+import numpy as np
+from medseg.heap import return_freed_memory
+
+def rss_kib():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith("VmRSS"))
+
+if sys.argv[1] == "set" and not return_freed_memory():
+    print("skip")
+    raise SystemExit
+a = np.ones(16 << 20, np.uint8)  # freeing an mmapped block raises glibc's dynamic threshold
+del a
+base = rss_kib()
+b = np.ones(8 << 20, np.uint8)  # below the raised threshold: from the heap, unless set
+c = np.ones(1 << 16, np.uint8)  # a live block above it: the heap cannot shrink past it
+del b
+print(rss_kib() - base)
+del c
+"""
+
+#: page faults of filling a 192 MiB block after freeing a 256 MiB one (smaller, as small blocks
+#: allocated meanwhile may take the start of the freed space; torch tensors: numpy advises
+#: huge pages for large arrays, which hides the page count)
+_FAULTS_SCRIPT = """
+import resource
+import sys
+import torch
+from medseg import heap
+
+mode = sys.argv[1]
+if mode == "keep" and not heap.keep_freed_memory():
+    print("skip")
+    raise SystemExit
+
+def fill(mib=256):
+    return torch.empty(mib << 20, dtype=torch.uint8).fill_(1)
+
+if mode == "context":
+    heap.return_freed_memory()
+    with heap.kept_freed_memory():
+        del_me = fill()
+        del del_me
+    print(heap.mode())
+del_me = fill()
+del del_me
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+again = fill(192)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _run(script: str, mode: str) -> list[str]:
+    run = subprocess.run(
+        [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True
+    )
+    return run.stdout.split()
+
+
+def test_return_freed_memory_gives_large_blocks_back_to_the_system() -> None:
+    got = _run(_RETURN_SCRIPT, "set")
+    if got == ["skip"]:
+        pytest.skip("no glibc mallopt on this platform")
+    assert int(got[0]) < 1024  # the 8 MiB block went back
+    assert int(_run(_RETURN_SCRIPT, "default")[0]) > 4096  # without it glibc keeps it
+
+
+def test_keep_freed_memory_reuses_pages_without_faults() -> None:
+    kept = _run(_FAULTS_SCRIPT, "keep")
+    if kept == ["skip"]:
+        pytest.skip("no glibc mallopt on this platform")
+    pages = (192 << 20) // 4096
+    assert int(kept[0]) < pages // 100  # the second block reused the first one's pages
+    # the control: glibc's default serves the block by mmap and faults every page again
+    assert int(_run(_FAULTS_SCRIPT, "default")[0]) > pages // 2
+
+
+def test_kept_freed_memory_gives_the_heap_back_on_exit() -> None:
+    mode, faults = _run(_FAULTS_SCRIPT, "context")
+    if mode != "return":
+        pytest.skip("no glibc mallopt on this platform")
+    assert int(faults) > (192 << 20) // 4096 // 2  # back to mmap: the block faults in again
+
+
+def test_kept_freed_memory_leaves_an_outer_keep_in_force() -> None:
+    before = heap.mode()
+    try:
+        if not heap.keep_freed_memory():
+            pytest.skip("no glibc mallopt on this platform")
+        with heap.kept_freed_memory():
+            assert heap.mode() == "keep"
+        assert heap.mode() == "keep"  # a training run validating keeps its own mode
+    finally:
+        heap.return_freed_memory()
+    assert heap.mode() == "return" or before == "default"
+
+
+@pytest.fixture
+def net3d() -> UNet:
+    torch.manual_seed(0)
+    return UNet(3, 1, 2, depth=2, base_channels=4).eval()
+
+
+def test_tile_layout_keeps_the_heap_only_where_the_budget_allows(net3d: UNet) -> None:
+    fast = infer.inference_model(net3d)
+    shape = (60, 60, 60)
+    roomy = infer.tile_layout(fast, shape, max_memory=8 << 30)
+    assert roomy.keep_heap and len(roomy.tiles) == 1
+    # a budget that fits the one tile but not with the kept heap's overhead: more memory
+    # for tiles beats a faster heap, so the same single tile runs with blocks given back
+    network = dict(fast.network)  # type: ignore[arg-type]
+    need = infer.tiling.tile_bytes(
+        roomy.size, network, channels_last=infer.default_channels_last(fast), lean=roomy.lean
+    )
+    tight = infer.tile_layout(fast, shape, max_memory=int(need * 1.1))
+    assert len(tight.tiles) == 1 and not tight.keep_heap
+    # forced tiles: kept where the estimate times the overhead fits
+    forced = infer.tile_layout(fast, shape, tile_size=20, max_memory=8 << 30)
+    assert forced.keep_heap
+    small = infer.tile_layout(fast, shape, tile_size=20, max_memory=1 << 10)
+    assert not small.keep_heap
+
+
+def test_run_tiles_keeps_the_heap_while_the_layout_says_so(net3d: UNet) -> None:
+    image = np.random.default_rng(1).normal(size=(1, 37, 41, 29)).astype(np.float32)
+    fast = infer.inference_model(net3d)
+    layout = infer.tile_layout(fast, image.shape[1:], tile_size=16)
+    heap.return_freed_memory()
+    if heap.mode() != "return":
+        pytest.skip("no glibc mallopt on this platform")
+    for keep in (False, True):
+        seen: set[str] = set()
+        lay = infer.TileLayout(layout.size, layout.tiles, layout.batch_size, False, keep)
+        infer.run_tiles(fast, image, lay, lambda _t, _o, s=seen: s.add(heap.mode()), prepare=False)
+        assert seen == {"keep" if keep else "return"}
+        assert heap.mode() == "return"
