@@ -9,7 +9,9 @@ preprocess once into a temporary folder, then time
   ``DiceCELoss``, the same optimiser, batch size and worker count, on the same cached arrays.
 
 Prints patches/s and labelled (output) voxels/s of both, their ratios, and the fraction of step
-time each loop waits for data. The first epoch (worker start, warm-up) is excluded.
+time each loop waits for data. The first epoch (worker start, warm-up) is excluded. Each loop
+runs in a fresh process, as each tool's user runs it (medseg's heap mode, :mod:`medseg.heap`,
+must not carry over into MONAI's loop, nor the reverse).
 
     .venv/bin/python benchmarks/bench_train.py [--steps 30] [--workers 1] [--threads 2]
 """
@@ -17,10 +19,14 @@ time each loop waits for data. The first epoch (worker start, warm-up) is exclud
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,15 +173,35 @@ def bench_monai(prep: Path, steps: int, workers: int) -> dict[str, float]:
     return {"steps_per_s": n / total, "wait": wait / total, "roi": roi, "batch": batch}
 
 
+def _child(tool: str, toml: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One tool's loop in a fresh process; its result dict."""
+    cmd = [sys.executable, __file__, "--child", tool, str(toml), str(out)]
+    cmd += ["--steps", str(args.steps), "--workers", str(args.workers)]
+    cmd += ["--threads", str(args.threads)]
+    run = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30, help="timed steps per loop")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers for both")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from medseg.config import load_pipeline
     from medseg.preprocess.plan import Plan
+
+    if args.child:
+        tool, toml_arg, out_arg = args.child
+        pipe = load_pipeline(Path(toml_arg))
+        if tool == "medseg":
+            res = bench_medseg(pipe, args.steps, args.workers, Path(out_arg))
+        else:
+            res = bench_monai(pipe.prep_dir, args.steps, args.workers)
+        print(json.dumps(res))
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,8 +213,8 @@ def main() -> None:
             pipe = load_pipeline(toml)
             plan = Plan.load(prep / "plan.json")
             batch = int(pipe.train["batch_size"])
-            med = bench_medseg(pipe, args.steps, args.workers, Path(tmp) / f"run{len(rows)}")
-            mon = bench_monai(prep, args.steps, args.workers)
+            med = _child("medseg", toml, Path(tmp) / f"run{len(rows)}", args)
+            mon = _child("monai", toml, Path(tmp) / "unused", args)
             out_vox = int(np.prod(plan.patch_output_size))
             mon_vox = int(np.prod(mon["roi"]))
             m_pps, o_pps = med["steps_per_s"] * batch, mon["steps_per_s"] * mon["batch"]
