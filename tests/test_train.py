@@ -504,3 +504,11 @@ augment = {{p_rotate = 0.2, p_scale = 0.2}}
     ref = np.asarray(load_case(tmp_path / "prep", val_id).label[0])
     whole = dice(v.predictions[val_id] > 0, ref > 0)
     assert whole > 0.5, whole  # tumour is ~ 3 % of the cropped brain: chance is near 0
+
+
+def test_training_refuses_a_device_it_cannot_train_on(prep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    for device, words in (("mps", "cpu or cuda"), ("bogus", "unknown device")):
+        with pytest.raises(ModelError, match=words):
+            train(_pipeline(prep), out, epochs=1, device=device, progress=False)
+    assert not out.exists()  # refused before anything was written
