@@ -25,9 +25,12 @@ from typing import Any
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-#: glibc's defaults for the two settings :func:`keep_freed_memory` changes (mallopt(3))
+#: glibc's defaults (mallopt(3)); setting any threshold ends glibc's dynamic mmap threshold,
+#: so leaving a kept heap restores its steady state for large blocks instead: the threshold
+#: at its 64-bit maximum, 32 MiB, and trimming at twice that, as the dynamic rule sets it
 _DEFAULT_MMAP_MAX = 65536
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_STEADY_MMAP_THRESHOLD = 32 << 20
 #: mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 _NEVER_TRIM = -1
 
@@ -51,7 +54,8 @@ def _libc() -> Any | None:
 
 
 def mode() -> str:
-    """``"keep"``, ``"return"`` or ``"default"`` (glibc's own, untouched by this module)."""
+    """``"keep"``, ``"return"`` or ``"default"`` (glibc's own settings, or their steady state
+    after a :func:`kept_freed_memory` block)."""
     return _mode
 
 
@@ -92,10 +96,26 @@ def return_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
     return ok
 
 
+def _restore_default() -> None:
+    """glibc's defaults as they stand once large blocks have been freed (see above), and the
+    heap given back."""
+    global _mode
+    libc = _libc()
+    if libc is None:
+        return
+    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    libc.mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_MMAP_THRESHOLD)
+    libc.malloc_trim(0)
+    _mode = "default"
+
+
 @contextlib.contextmanager
 def kept_freed_memory(keep: bool = True) -> Iterator[None]:
-    """:func:`keep_freed_memory` inside the block (when ``keep``); afterwards
-    :func:`return_freed_memory`, unless blocks were kept already (a training run validating)."""
+    """:func:`keep_freed_memory` inside the block (when ``keep``); afterwards the heap is
+    given back and the mode before it restored, so code after a training run or a prediction
+    allocates as it did before. Inside a kept heap already (a training run validating) the
+    block changes nothing."""
     before = _mode
     if not keep or before == "keep":
         yield
@@ -104,4 +124,7 @@ def kept_freed_memory(keep: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        return_freed_memory()
+        if before == "return":
+            return_freed_memory()
+        else:
+            _restore_default()
