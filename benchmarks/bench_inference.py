@@ -182,7 +182,7 @@ def flops_report(a: argparse.Namespace) -> None:
         label = (
             f"{'channels-last' if cl else 'contiguous'} tile {layout.size} x"
             f"{len(layout.tiles)} batch {layout.batch_size}, heap "
-            f"{'kept' if layout.keep_heap else 'given back'}{', lean' if layout.lean else ''}"
+            f"{'kept' if layout.keep_heap else 'not kept'}{', lean' if layout.lean else ''}"
         )
         row = []
         for name, dt in (("first", first), ("warm", warm)):
