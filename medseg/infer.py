@@ -30,6 +30,7 @@ from torch import nn
 from medseg import heap, tiling
 from medseg.errors import CohortError, MedsegError, ModelError, PlanError, ReadError, WriteError
 from medseg.io import split_suffix
+from medseg.model import shapes
 from medseg.preprocess.plan import Plan
 from medseg.volume import Volume
 
@@ -136,9 +137,10 @@ def tile_layout(
     A model with ``lean`` set (the :func:`inference_model` copy) may run its tiles through the
     lean forward; the layout says whether it does (``lean``), and the memory estimate follows
     the forward it names. On the CPU the layout keeps freed activations in the heap
-    (``keep_heap``, about 1.4x faster, :mod:`medseg.heap`) where the budget divided by
-    :data:`medseg.heap.KEEP_OVERHEAD` still fits as few tiles: a tight budget gets more of
-    its memory for tiles instead."""
+    (``keep_heap``, :mod:`medseg.heap`): planned within the budget divided by
+    :data:`medseg.heap.KEEP_OVERHEAD`, where that computes at most
+    :data:`medseg.heap.KEEP_SPEEDUP` times the input voxels of the layout the whole budget
+    gets; a tight budget gets more of its memory for tiles instead."""
     device = _model_device(model)
     budget = _tile_budget(default_memory_budget() if max_memory is None else max_memory, device)
     layout = _layout_within(model, spatial_shape, tile_size, budget, batch_size)
@@ -151,9 +153,18 @@ def tile_layout(
     need = kept.batch_size * tiling.tile_bytes(
         kept.size, network, channels_last=default_channels_last(model), lean=kept.lean
     )
-    if len(kept.tiles) <= len(layout.tiles) and need * heap.KEEP_OVERHEAD <= budget:
+    fits = need * heap.KEEP_OVERHEAD <= budget
+    if fits and computed_voxels(kept, network) <= heap.KEEP_SPEEDUP * computed_voxels(
+        layout, network
+    ):
         return replace(kept, keep_heap=True)
     return layout
+
+
+def computed_voxels(layout: TileLayout, network: dict[str, Any]) -> int:
+    """Input voxels the network runs over for ``layout``: tiles times tile input size."""
+    margin = shapes.margin(int(network["depth"]), int(network.get("convs_per_level", 2)))
+    return len(layout.tiles) * math.prod(s + 2 * margin for s in layout.size)
 
 
 def _layout_within(

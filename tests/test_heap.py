@@ -143,6 +143,35 @@ def test_tile_layout_keeps_the_heap_only_where_the_budget_allows(net3d: UNet) ->
     assert not small.keep_heap
 
 
+def test_kept_layouts_honour_the_budget_and_the_voxel_trade() -> None:
+    """Over a sweep of budgets for a CT-sized scan (planning only, nothing runs): a kept
+    layout's estimate times the heap's overhead fits the budget, it computes at most
+    KEEP_SPEEDUP times the voxels of the layout given the whole budget, and the trade happens
+    (kept with more tiles than that layout) as well as not (given back)."""
+    net = UNet(3, 1, 5, depth=4, base_channels=8).eval()
+    fast = infer.inference_model(net)
+    network = dict(fast.network)  # type: ignore[arg-type]
+    cl = infer.default_channels_last(fast)
+    shape = (512, 512, 300)
+    traded = given_back = 0
+    for gib in (0.25, 0.5, 1, 2, 3, 4, 6, 8, 11, 16, 24):
+        budget = int(gib * (1 << 30))
+        lay = infer.tile_layout(fast, shape, max_memory=budget)
+        whole = infer._layout_within(fast, shape, None, budget, None)
+        if lay.keep_heap:
+            need = lay.batch_size * infer.tiling.tile_bytes(
+                lay.size, network, channels_last=cl, lean=lay.lean
+            )
+            assert need * heap.KEEP_OVERHEAD <= budget, gib
+            ratio = infer.computed_voxels(lay, network) / infer.computed_voxels(whole, network)
+            assert ratio <= heap.KEEP_SPEEDUP, gib
+            traded += len(lay.tiles) > len(whole.tiles)
+        else:
+            assert lay == whole, gib
+            given_back += 1
+    assert traded and given_back
+
+
 def test_run_tiles_keeps_the_heap_while_the_layout_says_so(net3d: UNet) -> None:
     image = np.random.default_rng(1).normal(size=(1, 37, 41, 29)).astype(np.float32)
     fast = infer.inference_model(net3d)
