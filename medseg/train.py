@@ -680,6 +680,7 @@ def train(
     ``stop_after_epochs`` ends this invocation after that many epochs (as if interrupted; the
     schedule still aims at ``epochs``), so a later ``resume=True`` continues it.
     """
+    from medseg.infer import resolve_device
     from medseg.model import UNet
 
     cfg = TrainConfig.from_dict(
@@ -692,8 +693,6 @@ def train(
     if prep is None:
         raise PlanError(f"{pipeline.path}: no prep_dir in the pipeline; pass --prep DIR")
     out = Path(out_dir)
-    from medseg.infer import resolve_device
-
     dev = resolve_device(device)
     if dev.type not in ("cpu", "cuda"):
         raise ModelError(
