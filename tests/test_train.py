@@ -512,3 +512,20 @@ def test_training_refuses_a_device_it_cannot_train_on(prep: Path, tmp_path: Path
         with pytest.raises(ModelError, match=words):
             train(_pipeline(prep), out, epochs=1, device=device, progress=False)
     assert not out.exists()  # refused before anything was written
+
+
+def test_training_keeps_the_heap_while_it_runs_and_restores_it_after(
+    prep: Path, tmp_path: Path
+) -> None:
+    from medseg import heap
+
+    heap.return_freed_memory()
+    if heap.mode() != "return":
+        pytest.skip("no glibc mallopt on this platform")
+    seen: list[str] = []
+    train(
+        _pipeline(prep), tmp_path / "run", epochs=2, device="cpu", progress=False,
+        log=lambda _msg: seen.append(heap.mode()),
+    )  # fmt: skip
+    assert seen and set(seen) == {"keep"}  # every epoch's log line came from inside the run
+    assert heap.mode() == "return"
