@@ -82,14 +82,23 @@ def test_return_freed_memory_gives_large_blocks_back_to_the_system() -> None:
     assert int(_run(_RETURN_SCRIPT, "default")[0]) > 4096  # without it glibc keeps it
 
 
-def test_keep_freed_memory_reuses_pages_without_faults() -> None:
-    kept = _run(_FAULTS_SCRIPT, "keep")
-    if kept == ["skip"]:
+#: pages of the re-allocated block: base pages; with transparent huge pages set to "always"
+#: a mmapped block faults per 2 MiB instead, so the controls compare with the kept count
+_PAGES = (192 << 20) // 4096
+
+
+def _faults(mode: str) -> list[str]:
+    out = _run(_FAULTS_SCRIPT, mode)
+    if out == ["skip"]:
         pytest.skip("no glibc mallopt on this platform")
-    pages = (192 << 20) // 4096
-    assert int(kept[0]) < pages // 100  # the second block reused the first one's pages
-    # the control: glibc's default serves the block by mmap and faults every page again
-    assert int(_run(_FAULTS_SCRIPT, "default")[0]) > pages // 2
+    return out
+
+
+def test_keep_freed_memory_reuses_pages_without_faults() -> None:
+    kept = int(_faults("keep")[0])
+    assert kept < _PAGES // 100  # the second block reused the first one's pages
+    # the control: glibc's default serves the block by mmap and faults it in again
+    assert int(_faults("default")[0]) > 10 * max(kept, 8)
 
 
 @pytest.mark.parametrize(
@@ -98,11 +107,10 @@ def test_keep_freed_memory_reuses_pages_without_faults() -> None:
 def test_kept_freed_memory_gives_the_heap_back_and_restores_the_mode(
     start: str, after: str
 ) -> None:
-    mode, faults = _run(_FAULTS_SCRIPT, start)
-    if mode == "default" and start == "context":
-        pytest.skip("no glibc mallopt on this platform")
+    kept = int(_faults("keep")[0])
+    mode, faults = _faults(start)
     assert mode == after
-    assert int(faults) > (192 << 20) // 4096 // 2  # back to mmap: the block faults in again
+    assert int(faults) > 10 * max(kept, 8)  # back to mmap: the block faults in again
 
 
 def test_kept_freed_memory_leaves_an_outer_keep_in_force() -> None:
