@@ -142,8 +142,10 @@ def flops_report(a: argparse.Namespace) -> None:
 
     Each layout is timed twice: its first ``run_tiles`` call in the process (what one case of
     that size costs: with the heap kept, its first pass still faults its pages in), and warm,
-    a further call inside the same kept heap (what each further case of a cohort costs, and
-    how ``conv_peak`` itself is timed: after a warm-up)."""
+    a further call inside the same kept heap (what each further tile or mirrored TTA pass of
+    a case costs, as its heap is warm by then, and how ``conv_peak`` itself is timed: after a
+    warm-up). ``medseg infer`` gives the heap back between the cases of a cohort, so each
+    case's first pass runs cold."""
     from medseg.preprocess.plan import _DEFAULT_BASE, _MAX_DEPTH
 
     base, depth = _DEFAULT_BASE[3], _MAX_DEPTH[3]
