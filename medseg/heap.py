@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,7 @@ KEEP_SPEEDUP = 1.5
 _mode = "default"
 
 
+@functools.cache
 def _libc() -> Any | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -89,32 +91,24 @@ def return_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
     what is alive: measured on a 512x512x300 int16 CT, 5 classes, ``--max-memory 400M``,
     peak RSS fell from 753 MiB to the figure in the README's benchmark table.
     """
+    return _give_back(int(threshold_bytes), _DEFAULT_TRIM_THRESHOLD, "return")
+
+
+def _give_back(mmap_threshold: int, trim_threshold: int, new_mode: str) -> bool:
+    """Large blocks by ``mmap`` again from ``mmap_threshold`` bytes, the heap trimmed from
+    ``trim_threshold``, and what it holds now given back; ``new_mode`` where it took effect."""
     global _mode
     libc = _libc()
     if libc is None:
         return False
     ok = (
         bool(libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX))
-        and bool(libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD))
-        and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+        and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+        and bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
     )
     libc.malloc_trim(0)
-    _mode = "return" if ok else _mode
+    _mode = new_mode if ok else _mode
     return ok
-
-
-def _restore_default() -> None:
-    """glibc's defaults as they stand once large blocks have been freed (see above), and the
-    heap given back."""
-    global _mode
-    libc = _libc()
-    if libc is None:
-        return
-    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-    libc.mallopt(_M_MMAP_THRESHOLD, _STEADY_MMAP_THRESHOLD)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2 * _STEADY_MMAP_THRESHOLD)
-    libc.malloc_trim(0)
-    _mode = "default"
 
 
 @contextlib.contextmanager
@@ -133,5 +127,5 @@ def kept_freed_memory(keep: bool = True) -> Iterator[None]:
     finally:
         if before == "return":
             return_freed_memory()
-        else:
-            _restore_default()
+        else:  # glibc's defaults as they stand once large blocks have been freed (see above)
+            _give_back(_STEADY_MMAP_THRESHOLD, 2 * _STEADY_MMAP_THRESHOLD, "default")
