@@ -620,31 +620,33 @@ def predict_case(
         probs,
     ):
         done = 0
-        for k, img in enumerate(slices):
-            cls_view = classes if plan.spatial_dims == 3 else classes[..., k]
-            prob_view = probs if probs is None or plan.spatial_dims == 3 else probs[..., k]
+        # one kept heap for all slices of a 2D case: not given back and regrown per slice
+        with heap.kept_freed_memory(layout.keep_heap):
+            for k, img in enumerate(slices):
+                cls_view = classes if plan.spatial_dims == 3 else classes[..., k]
+                prob_view = probs if probs is None or plan.spatial_dims == 3 else probs[..., k]
 
-            def sink(
-                t: tiling.Tile,
-                logits: np.ndarray,
-                cls_view: np.ndarray = cls_view,
-                prob_view: np.ndarray | None = prob_view,
-            ) -> None:
-                cls_view[t.write.slices()] = logits.argmax(axis=0)
-                if prob_view is not None:
-                    prob_view[(slice(None), *t.write.slices())] = softmax(logits)
+                def sink(
+                    t: tiling.Tile,
+                    logits: np.ndarray,
+                    cls_view: np.ndarray = cls_view,
+                    prob_view: np.ndarray | None = prob_view,
+                ) -> None:
+                    cls_view[t.write.slices()] = logits.argmax(axis=0)
+                    if prob_view is not None:
+                        prob_view[(slice(None), *t.write.slices())] = softmax(logits)
 
-            done = run_tiles(
-                fast,
-                img,
-                layout,
-                sink,
-                tta=tta,
-                progress=progress,
-                done=done,
-                total=total,
-                prepare=False,
-            )
+                done = run_tiles(
+                    fast,
+                    img,
+                    layout,
+                    sink,
+                    tta=tta,
+                    progress=progress,
+                    done=done,
+                    total=total,
+                    prepare=False,
+                )
         restored = np.asarray(restore_labels(np.asarray(classes), prepared.record))
         prob_vol = None
         if probs is not None:

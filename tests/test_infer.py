@@ -695,3 +695,29 @@ def test_tile_layout_names_the_forward_and_run_tiles_runs_it(rng: np.random.Gene
         infer.run_tiles(fast, image, layout, lambda _t, _o: None, prepare=False)
         assert calls(len(pools)), (lean, len(pools))
     hook.remove()
+
+
+def test_2d_stack_keeps_one_heap_across_its_slices(
+    image_volume: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2D model over a stack runs every slice in one kept heap: the heap is given back when
+    the case starts and once after its last slice, not after every slice."""
+    from medseg import heap
+
+    if not heap.return_freed_memory():
+        pytest.skip("no glibc mallopt on this platform")
+    loaded = threshold_loaded(make_plan(dims=2), 100.0)
+    shape = image_volume.array.shape
+    layout = infer.tile_layout(loaded.model, shape[1:3], tile_size=8)
+    assert layout.keep_heap and shape[3] > 2
+    calls: list[str] = []
+    give_back = heap._give_back
+
+    def counted(*args: Any) -> bool:
+        calls.append(args[-1])
+        return give_back(*args)
+
+    monkeypatch.setattr(heap, "_give_back", counted)
+    pred = infer.predict_case([image_volume], loaded, tile_size=8)
+    assert np.array_equal(pred.labels.array[0], (image_volume.array[0] > 100).astype(np.uint8))
+    assert calls == ["return", "return"]
