@@ -584,6 +584,7 @@ def predict_case(
     from medseg.preprocess.pipeline import (
         LazyImage,
         prepare_for_inference,
+        restore_is_coarser,
         restore_labels,
         restore_probabilities,
     )
@@ -613,8 +614,10 @@ def predict_case(
         max_memory=max(0, budget - _classes_nbytes(tuple(spatial), plan.num_classes, budget)),
     )
     total = len(layout.tiles) * len(slices)
-    # probability postprocessing steps (threshold, watershed) need them on the scan's grid
-    want_probs = save_probabilities or needs_probabilities(loaded.postprocessing)
+    # probability postprocessing steps (threshold, watershed) need them on the scan's grid, and
+    # so do labels restored onto a coarser grid (nearest neighbour would shift them)
+    from_probs = restore_is_coarser(prepared.record)
+    want_probs = save_probabilities or from_probs or needs_probabilities(loaded.postprocessing)
     with _output_arrays(tuple(spatial), plan.num_classes, want_probs, budget) as (
         classes,
         probs,
@@ -647,11 +650,14 @@ def predict_case(
                     total=total,
                     prepare=False,
                 )
-        restored = np.asarray(restore_labels(np.asarray(classes), prepared.record))
         prob_vol = None
         if probs is not None:
             p = np.asarray(restore_probabilities(np.asarray(probs), prepared.record), np.float32)
             prob_vol = Volume(p, original, meta={"kind": "probabilities"})
+        if prob_vol is not None and from_probs:
+            restored = prob_vol.array.argmax(axis=0).astype(classes.dtype)
+        else:
+            restored = np.asarray(restore_labels(np.asarray(classes), prepared.record))
     if loaded.postprocessing:
         restored = apply_postprocessing(
             restored,

@@ -415,6 +415,27 @@ def test_probability_threshold_step_is_applied_on_the_scan_grid(image_volume: Vo
     assert np.array_equal(out.array[0].astype(bool)[clear], (x > cut)[clear])
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("slope", [1.0, -1.0])
+def test_finer_plan_restores_labels_without_a_shift(dims: int, slope: float) -> None:
+    """A ramp along the first axis (value = voxel index, or its mirror) through a plan twice as
+    fine, cut at 0.1 past a voxel centre (both signs via the mirrored ramp). Each scan voxel
+    sits between two plan voxels, 0.25 voxel to either side, one on each side of the cut:
+    nearest neighbour would keep one of them, always the same way, and get the voxel next to
+    the cut wrong on one of the two ramps. Labels must equal the cut of the scan itself."""
+    shape = (24, 9, 7 if dims == 3 else 1)
+    i = np.arange(shape[0], dtype=np.float32)
+    ramp = (i if slope > 0 else shape[0] - 1 - i)[:, None, None] * np.ones(shape, np.float32)
+    scan = Volume(ramp[None], Grid(shape, np.diag([1.0, 1.0, 1.0, 1.0])))
+    target = (0.5, 1.0, 1.0)
+    plan = make_plan(dims=dims, target_spacing=target)
+    pred = infer.predict_case([scan], threshold_loaded(plan, 11.1), tile_size=16)
+    ref = scan.array[0] > 11.1
+    assert 0 < ref.sum() < ref.size
+    assert pred.labels.grid == scan.grid
+    assert np.array_equal(pred.labels.array[0].astype(bool), ref)
+
+
 # -- model folders ----------------------------------------------------------------------------
 def model_folder(tmp_path: Path, plan: Plan, seed: int = 0) -> tuple[Path, UNet]:
     folder = tmp_path / "run"

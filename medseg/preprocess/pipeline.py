@@ -396,6 +396,24 @@ def restore_labels(classes: np.ndarray, record: CaseRecord) -> np.ndarray:
     return out
 
 
+def restore_is_coarser(record: CaseRecord) -> bool:
+    """True when the scan's grid is coarser than the preprocessed grid along some axis.
+
+    Restoring class indices by nearest neighbour then keeps one of several plan voxels per scan
+    voxel. At an even ratio the scan's voxel centre falls exactly between two of them and the
+    tie always goes the same way: with a 2x finer plan, DRIVE's restored vessels moved a quarter
+    pixel towards higher indices on both axes, in every image. Such cases take their labels
+    from the linearly restored probabilities instead, as nnU-Net exports its resampled
+    predictions (Isensee et al. 2021).
+    """
+    amap = axis_map(record.grid, record.original_grid)
+    if amap is not None:
+        return any(abs(s) > 1.0 + 1e-6 for s in amap.scale)
+    # oblique: compare the sorted voxel sizes (mm)
+    plan, scan = sorted(record.grid.spacing), sorted(record.original_grid.spacing)
+    return any(a < b - 1e-6 for a, b in zip(plan, scan, strict=True))
+
+
 def restore_probabilities(probs: np.ndarray, record: CaseRecord) -> np.ndarray:
     """``(C, I, J, K)`` probabilities on the preprocessed grid -> the scan's own grid (linear).
 
