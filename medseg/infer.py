@@ -519,9 +519,17 @@ def _class_dtype(n_classes: int) -> type[np.signedinteger]:
     return np.int8 if n_classes <= 127 else np.int16
 
 
-def _classes_nbytes(shape: tuple[int, ...], n_classes: int, budget: int) -> int:
-    """Bytes of the class map :func:`_output_arrays` keeps in memory (0 when memory-mapped)."""
-    nbytes = math.prod(shape) * np.dtype(_class_dtype(n_classes)).itemsize
+def _outputs_bytes(shape: tuple[int, ...], n_classes: int, probabilities: bool) -> int:
+    """Bytes of the class map and (optionally) the float32 probabilities of ``shape``."""
+    per_voxel = np.dtype(_class_dtype(n_classes)).itemsize + (4 * n_classes if probabilities else 0)
+    return math.prod(shape) * per_voxel
+
+
+def _outputs_nbytes(
+    shape: tuple[int, ...], n_classes: int, probabilities: bool, budget: int
+) -> int:
+    """Bytes of the outputs :func:`_output_arrays` keeps in memory (0 when memory-mapped)."""
+    nbytes = _outputs_bytes(shape, n_classes, probabilities)
     return nbytes if nbytes <= MEMMAP_FRACTION * budget else 0
 
 
@@ -531,10 +539,7 @@ def _output_arrays(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Preallocated class and probability arrays, memory-mapped when they exceed the budget."""
     cls_dtype = _class_dtype(n_classes)
-    nbytes = math.prod(shape) * (
-        np.dtype(cls_dtype).itemsize + (4 * n_classes if probabilities else 0)
-    )
-    if nbytes <= MEMMAP_FRACTION * budget:
+    if _outputs_bytes(shape, n_classes, probabilities) <= MEMMAP_FRACTION * budget:
         probs = np.zeros((n_classes, *shape), np.float32) if probabilities else None
         yield np.zeros(shape, cls_dtype), probs
         return
@@ -584,9 +589,10 @@ def predict_case(
     from medseg.preprocess.pipeline import (
         LazyImage,
         prepare_for_inference,
-        restore_is_coarser,
+        restore_classes,
         restore_labels,
         restore_probabilities,
+        restore_resamples,
     )
 
     plan, model = loaded.plan, loaded.model
@@ -606,18 +612,17 @@ def predict_case(
         arr = image.materialise() if isinstance(image, LazyImage) else image
         slices = [arr[..., k] for k in range(spatial[2])]
     fast = inference_model(model)
-    # the budget covers tiles and outputs: the class map held in memory comes off the tiles'
+    # probability postprocessing steps (threshold, watershed) need them on the scan's grid, and
+    # resampled cases take their labels from them (see restore_resamples)
+    resampled = restore_resamples(prepared.record)
+    full_probs = save_probabilities or needs_probabilities(loaded.postprocessing)
+    want_probs = full_probs or resampled
+    # the budget covers tiles and outputs: output arrays held in memory come off the tiles'
+    held = _outputs_nbytes(tuple(spatial), plan.num_classes, want_probs, budget)
     layout = tile_layout(
-        fast,
-        slices[0].shape[1:],
-        tile_size=tile_size,
-        max_memory=max(0, budget - _classes_nbytes(tuple(spatial), plan.num_classes, budget)),
+        fast, slices[0].shape[1:], tile_size=tile_size, max_memory=max(0, budget - held)
     )
     total = len(layout.tiles) * len(slices)
-    # probability postprocessing steps (threshold, watershed) need them on the scan's grid, and
-    # so do labels restored onto a coarser grid (nearest neighbour would shift them)
-    from_probs = restore_is_coarser(prepared.record)
-    want_probs = save_probabilities or from_probs or needs_probabilities(loaded.postprocessing)
     with _output_arrays(tuple(spatial), plan.num_classes, want_probs, budget) as (
         classes,
         probs,
@@ -651,13 +656,16 @@ def predict_case(
                     prepare=False,
                 )
         prob_vol = None
-        if probs is not None:
+        if probs is not None and full_probs:
             p = np.asarray(restore_probabilities(np.asarray(probs), prepared.record), np.float32)
             prob_vol = Volume(p, original, meta={"kind": "probabilities"})
-        if prob_vol is not None and from_probs:
+        if not resampled:
+            restored = np.asarray(restore_labels(np.asarray(classes), prepared.record))
+        elif prob_vol is not None:
             restored = prob_vol.array.argmax(axis=0).astype(classes.dtype)
         else:
-            restored = np.asarray(restore_labels(np.asarray(classes), prepared.record))
+            assert probs is not None
+            restored = restore_classes(probs, prepared.record, classes.dtype)
     if loaded.postprocessing:
         restored = apply_postprocessing(
             restored,

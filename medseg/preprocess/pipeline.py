@@ -382,6 +382,11 @@ def restore_labels(classes: np.ndarray, record: CaseRecord) -> np.ndarray:
     """
     c = _as3d(np.asarray(classes), record.grid, "classes")
     out = resample_array(c[None], record.grid, record.original_grid, order=0, label=True)[0]
+    return _background_outside_crop(out, record)
+
+
+def _background_outside_crop(out: np.ndarray, record: CaseRecord) -> np.ndarray:
+    """Class 0 wherever the scan's grid ``out`` (``(I, J, K)``) lies outside the crop."""
     amap = axis_map(record.cropped_grid, record.original_grid)
     if amap is None:  # pragma: no cover - crops are axis-aligned by construction
         out[~_inside_crop(record)] = 0
@@ -396,22 +401,43 @@ def restore_labels(classes: np.ndarray, record: CaseRecord) -> np.ndarray:
     return out
 
 
-def restore_is_coarser(record: CaseRecord) -> bool:
-    """True when the scan's grid is coarser than the preprocessed grid along some axis.
+def restore_classes(probs: np.ndarray, record: CaseRecord, dtype: Any = np.int8) -> np.ndarray:
+    """``(C, I, J, K)`` probabilities on the preprocessed grid -> class indices ``(I, J, K)``
+    on the scan's own grid: the argmax of :func:`restore_probabilities`, restored one class at
+    a time (two float32 volumes of the scan at the peak instead of C)."""
+    p = _as3d(probs, record.grid, "probabilities")
+    out = np.zeros(record.original_grid.shape, dtype=dtype)
+    best: np.ndarray | None = None
+    for c in range(p.shape[0]):
+        channel = np.asarray(p[c : c + 1], dtype=np.float32)
+        r = resample_array(channel, record.grid, record.original_grid, order=1)[0]
+        if best is None:
+            best = r
+            continue
+        better = r > best
+        out[better] = c
+        np.maximum(best, r, out=best)
+    return _background_outside_crop(out, record)
 
-    Restoring class indices by nearest neighbour then keeps one of several plan voxels per scan
-    voxel. At an even ratio the scan's voxel centre falls exactly between two of them and the
-    tie always goes the same way: with a 2x finer plan, DRIVE's restored vessels moved a quarter
-    pixel towards higher indices on both axes, in every image. Such cases take their labels
-    from the linearly restored probabilities instead, as nnU-Net exports its resampled
-    predictions (Isensee et al. 2021).
+
+def restore_resamples(record: CaseRecord) -> bool:
+    """True when going back to the scan's grid resamples (a spacing differs, or the grids are
+    not aligned axis by axis), not only crops, flips or permutes.
+
+    Such cases take their labels from the linearly restored probabilities
+    (:func:`restore_classes`), as nnU-Net exports its resampled predictions (Isensee et al.
+    2021), rather than by nearest neighbour from the plan grid's argmax:
+    - restoring onto a coarser grid, nearest neighbour keeps one of several plan voxels per
+      scan voxel; at a 2:1 ratio always the same one of two, so with a 2x finer plan DRIVE's
+      vessels moved a quarter pixel towards higher indices on both axes, in every image;
+    - restoring onto a finer grid, it copies blocks: BraTS reference labels taken to 2 mm and
+      back keep a whole-tumour Dice of 0.948-0.975 by nearest neighbour and 0.965-0.991 from
+      the linearly restored fractions (five cases).
     """
     amap = axis_map(record.grid, record.original_grid)
-    if amap is not None:
-        return any(abs(s) > 1.0 + 1e-6 for s in amap.scale)
-    # oblique: compare the sorted voxel sizes (mm)
-    plan, scan = sorted(record.grid.spacing), sorted(record.original_grid.spacing)
-    return any(a < b - 1e-6 for a, b in zip(plan, scan, strict=True))
+    if amap is None:
+        return True
+    return any(abs(abs(s) - 1.0) > 1e-6 for s in amap.scale)
 
 
 def restore_probabilities(probs: np.ndarray, record: CaseRecord) -> np.ndarray:
