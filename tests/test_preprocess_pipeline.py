@@ -149,6 +149,15 @@ def test_crop_and_flip_alone_do_not_resample(scan) -> None:
     assert not restore_resamples(out.record)
 
 
+def test_a_half_voxel_shift_at_the_same_spacing_resamples() -> None:
+    g = Grid((10, 12, 8), np.diag([1.5, 1.5, 3.0, 1.0]))
+    shifted = np.diag([1.5, 1.5, 3.0, 1.0])
+    shifted[:3, 3] = (0.75, 0.0, 0.0)
+    box = Box((0, 0, 0), g.shape)
+    assert not restore_resamples(CaseRecord(g, None, box, g, g, [], []))
+    assert restore_resamples(CaseRecord(g, None, box, g, Grid(g.shape, shifted), [], []))
+
+
 @pytest.mark.parametrize("case", ["brats_2013_pat0001_1", "brats_2013_pat0005_1"])
 def test_restored_fractions_beat_nearest_on_brats_labels_at_2mm(data_root: Path, case) -> None:
     """Reference whole-tumour masks taken to 2 mm (linear: the tumour fraction of each 2 mm

@@ -437,7 +437,8 @@ def restore_resamples(record: CaseRecord) -> bool:
     amap = axis_map(record.grid, record.original_grid)
     if amap is None:
         return True
-    return any(abs(abs(s) - 1.0) > 1e-6 for s in amap.scale)
+    scaled = any(abs(abs(s) - 1.0) > 1e-6 for s in amap.scale)
+    return scaled or any(abs(o - round(o)) > 1e-6 for o in amap.offset)
 
 
 def restore_probabilities(probs: np.ndarray, record: CaseRecord) -> np.ndarray:
