@@ -436,6 +436,32 @@ def test_finer_plan_restores_labels_without_a_shift(dims: int, slope: float) -> 
     assert np.array_equal(pred.labels.array[0].astype(bool), ref)
 
 
+@pytest.mark.parametrize("n_classes", [2, infer.PROBABILITY_RESTORE_MAX_CLASSES + 1])
+def test_many_class_models_restore_by_nearest_neighbour(
+    n_classes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probabilities of every class on the plan grid are what a whole-body atlas cannot
+    afford: above the cap the labels come back by nearest neighbour, below it from them."""
+    from medseg.preprocess import pipeline
+
+    calls: list[int] = []
+    real = pipeline.restore_classes
+
+    def counted(*args: Any, **kw: Any) -> np.ndarray:
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "restore_classes", counted)
+    shape = (20, 9, 7)
+    i = np.arange(shape[0], dtype=np.float32)[:, None, None] * np.ones(shape, np.float32)
+    scan = Volume(i[None], Grid(shape, np.diag([1.0, 1.0, 1.0, 1.0])))
+    plan = make_plan(label_values=tuple(range(n_classes)), target_spacing=(0.5, 1.0, 1.0))
+    pred = infer.predict_case([scan], threshold_loaded(plan, 9.6), tile_size=16)
+    # Threshold only ever raises class 1 over class 0, so the labels are the cut either way
+    assert np.array_equal(pred.labels.array[0].astype(bool), scan.array[0] > 9.6)
+    assert len(calls) == (1 if n_classes <= infer.PROBABILITY_RESTORE_MAX_CLASSES else 0)
+
+
 # -- model folders ----------------------------------------------------------------------------
 def model_folder(tmp_path: Path, plan: Plan, seed: int = 0) -> tuple[Path, UNet]:
     folder = tmp_path / "run"

@@ -142,6 +142,18 @@ def test_restore_classes_is_the_argmax_of_the_restored_probabilities(scan, spaci
     assert np.isin(got[head], (1, 2)).all() and (got == 1).any() and (got == 2).any()
 
 
+def test_restore_classes_skips_classes_that_never_win(scan) -> None:
+    """A class that holds no probability anywhere may be left out: same labels."""
+    images, label = scan
+    out = preprocess_case(images, make_plan(target_spacing=(2.0, 1.5, 3.0)), label)
+    rng = np.random.default_rng(4)
+    two = np.moveaxis(rng.dirichlet(np.ones(2), size=out.record.grid.shape), -1, 0)
+    probs = np.concatenate([two, np.zeros((1, *two.shape[1:]))]).astype(np.float32)
+    full = restore_classes(probs, out.record)
+    assert np.array_equal(restore_classes(probs, out.record, classes=[1]), full)
+    assert (full == 1).any() and not (full == 2).any()
+
+
 def test_crop_and_flip_alone_do_not_resample(scan) -> None:
     images, label = scan
     out = preprocess_case(images, make_plan(orientation=("L", "P", "S")), label)

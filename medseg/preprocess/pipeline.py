@@ -9,6 +9,7 @@ prediction back on the scan's own grid with one resample through world coordinat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -401,14 +402,24 @@ def _background_outside_crop(out: np.ndarray, record: CaseRecord) -> np.ndarray:
     return out
 
 
-def restore_classes(probs: np.ndarray, record: CaseRecord, dtype: Any = np.int8) -> np.ndarray:
+def restore_classes(
+    probs: np.ndarray,
+    record: CaseRecord,
+    dtype: Any = np.int8,
+    classes: Sequence[int] | None = None,
+) -> np.ndarray:
     """``(C, I, J, K)`` probabilities on the preprocessed grid -> class indices ``(I, J, K)``
     on the scan's own grid: the argmax of :func:`restore_probabilities`, restored one class at
-    a time (two float32 volumes of the scan at the peak instead of C)."""
+    a time (two float32 volumes of the scan at the peak instead of C).
+
+    ``classes``: restore only these (background always); e.g. the classes the preprocessed
+    grid's argmax contains, so that a many-class model pays for the structures a scan shows.
+    """
     p = _as3d(probs, record.grid, "probabilities")
     out = np.zeros(record.original_grid.shape, dtype=dtype)
     best: np.ndarray | None = None
-    for c in range(p.shape[0]):
+    wanted = range(p.shape[0]) if classes is None else sorted({0, *map(int, classes)})
+    for c in wanted:
         channel = np.asarray(p[c : c + 1], dtype=np.float32)
         r = resample_array(channel, record.grid, record.original_grid, order=1)[0]
         if best is None:
