@@ -676,8 +676,8 @@ def predict_case(
             assert probs is not None
             # classes no plan voxel's argmax holds are not restored (nearest neighbour never
             # gave them either): a many-class model pays for what the scan shows
-            shown = np.flatnonzero(np.bincount(np.asarray(classes).ravel(), minlength=1))
-            restored = restore_classes(probs, prepared.record, classes.dtype, shown.tolist())
+            shown = [c for c in range(1, plan.num_classes) if (classes == c).any()]
+            restored = restore_classes(probs, prepared.record, classes.dtype, shown)
     if loaded.postprocessing:
         restored = apply_postprocessing(
             restored,
