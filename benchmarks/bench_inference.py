@@ -13,7 +13,9 @@ has 4 poolings, has the same depth and widths), at the sizes issue 3 names:
    an argmax into an int8 array within ``--rss-budget``; MONAI accumulates float32 logits for
    every class plus a count map (its argmax is taken in slabs so it adds no int64 volume);
 4. achieved convolution GFLOP/s of the tiled pass as a fraction of the best conv3d throughput
-   measured on this machine (both memory formats, 16-64 channels).
+   measured on this machine (both memory formats, 16-64 channels);
+5. on a CPU with native bf16 (AMX, AVX512-BF16), ``predict_logits`` under ``--precision
+   bf16`` against its float32 time and MONAI's (float32, as its recipe runs).
 
 Run: ``python benchmarks/bench_inference.py`` (speed, ~3 min on 2 cores) and
 ``python benchmarks/bench_inference.py --rss-only`` (memory, full size).
@@ -485,6 +487,13 @@ def main() -> None:
         f"medseg {vox / t_api / 1e6:.3f} Mvox/s; ratio medseg/MONAI {t_monai / t_api:.3f} "
         "(goal >= 1.5)"
     )
+
+    if infer.native_bf16(torch.device("cpu")):  # opt-in: medseg infer --precision bf16
+        t_bf16 = _time(lambda: infer.predict_logits(net, image, prepare=True, precision="bf16"))
+        print(
+            f"predict_logits, bf16        {t_bf16:8.2f} s  speed-up over float32 "
+            f"{t_api / t_bf16:.2f}x; ratio medseg bf16 / MONAI float32 {t_monai / t_bf16:.3f}"
+        )
 
     achieved = counter.flops / t_auto / 1e9
     peak, _ = conv_peak(a.threads)

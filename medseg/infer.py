@@ -67,6 +67,41 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise ModelError(f"--device {name}: unknown device; use cpu, cuda or auto") from exc
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 (Ampere and later), or a
+    CPU whose oneDNN has AMX tiles or AVX512-BF16. Elsewhere bf16 is emulated and slower than
+    float32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+#: ``--precision``: "auto" (reduced precision on CUDA, float32 on the CPU), "float32" or "bf16".
+PRECISIONS = ("auto", "float32", "bf16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse an unknown ``precision``, and "bf16" on a device without native bf16.
+
+    "bf16" runs the network's convolutions under bf16 autocast (on the CPU too); stitching,
+    TTA averaging and softmax stay float32. "auto" is float16/bf16 autocast on CUDA and float32
+    on the CPU, where only "float32" keeps the tiled result equal to a whole-volume forward
+    pass to float32 rounding."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and not native_bf16(device):
+        what = "GPU" if device.type == "cuda" else "CPU (no AMX or AVX512-BF16)"
+        raise ModelError(
+            f"--precision bf16: this {what} has no native bf16 and would run slower; "
+            "use --precision float32"
+        )
+
+
 def default_memory_budget() -> int:
     """Bytes this process may use for tiles and outputs: half of the available memory."""
     import psutil
@@ -216,9 +251,14 @@ def _layout_within(
     return TileLayout(size, tiles, max(1, int(batch_size)), lean)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type != "cuda":
+def _autocast(
+    device: torch.device, precision: str = "auto"
+) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context tiles run under (``precision`` as in :func:`check_precision`)."""
+    if precision == "float32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
@@ -272,6 +312,7 @@ def run_tiles(
     total: int | None = None,
     channels_last: bool | None = None,
     prepare: bool = True,
+    precision: str = "auto",
 ) -> int:
     """Run every tile of ``layout`` over ``image`` ``(C, *spatial)`` (an array, or a
     :class:`medseg.tiling.TileSource` normalised per tile) and hand ``sink(tile, logits)`` the
@@ -280,8 +321,9 @@ def run_tiles(
     With ``prepare`` the model first goes through :func:`inference_model` (batch norm folded,
     channels-last on the CPU unless ``channels_last=False``); pass ``prepare=False`` with a
     model that already did. Tile inputs are mirrored straight into one reused batch buffer.
-    Logits of mirrored passes (``tta``) are averaged in float32; on CUDA the network runs
-    under autocast and the result is cast to float32 before averaging and stitching.
+    Logits of mirrored passes (``tta``) are averaged in float32; under reduced ``precision``
+    (:func:`check_precision`; "auto" is autocast on CUDA) the network's result is cast to
+    float32 before averaging and stitching.
     Returns the number of tiles done (``done`` + this image's tiles) for the progress count.
     """
     from medseg.model.unet import channels_last_format
@@ -312,7 +354,7 @@ def run_tiles(
             xt = torch.from_numpy(x).to(device)
             if cl:
                 xt = xt.contiguous(memory_format=fmt)
-            with torch.inference_mode(), _autocast(device):
+            with torch.inference_mode(), _autocast(device, precision):
                 acc: torch.Tensor | None = None
                 for axes in flips:
                     fd = [2 + a for a in axes]
@@ -347,6 +389,7 @@ def predict_logits(
     batch_size: int | None = None,
     progress: Progress | None = None,
     prepare: bool = False,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Float32 logits ``(classes, *spatial)`` for every voxel of ``image`` ``(C, *spatial)``.
 
@@ -357,7 +400,7 @@ def predict_logits(
     By default the model runs exactly as given, so the result equals its whole-volume forward
     pass to float32 rounding of the same arithmetic; ``prepare=True`` runs the faster
     :func:`inference_model` copy (batch norm folded, channels-last), whose different rounding
-    can reach ~1e-6 of the logit magnitude.
+    can reach ~1e-6 of the logit magnitude. ``precision``: see :func:`check_precision`.
     """
     network: dict[str, Any] = model.network  # type: ignore[assignment]
     dims = int(network["spatial_dims"])
@@ -380,7 +423,10 @@ def predict_logits(
     def sink(t: tiling.Tile, logits: np.ndarray) -> None:
         out[(slice(None), *t.write.slices())] = logits
 
-    run_tiles(model, image, layout, sink, tta=tta, progress=progress, prepare=False)
+    check_precision(precision, _model_device(model))
+    run_tiles(
+        model, image, layout, sink, tta=tta, progress=progress, prepare=False, precision=precision
+    )
     return out
 
 
@@ -588,10 +634,12 @@ def predict_case(
     max_memory: int | None = None,
     save_probabilities: bool = False,
     progress: Progress | None = None,
+    precision: str = "auto",
 ) -> CasePrediction:
     """Segment one case: ``images`` are its channels in the plan's order (a Volume may hold
     several channels, e.g. RGB). Returns labels on ``images[0]``'s grid in the data set's
-    own label values; probabilities (linear resampling) only when asked for."""
+    own label values; probabilities (linear resampling) only when asked for. ``precision``:
+    see :func:`check_precision`."""
     from medseg.postprocess import apply_postprocessing, needs_probabilities
     from medseg.preprocess.pipeline import (
         LazyImage,
@@ -604,6 +652,7 @@ def predict_case(
 
     plan, model = loaded.plan, loaded.model
     check_channels(images, plan)
+    check_precision(precision, _model_device(model))
     heap.return_freed_memory()
     original = images[0].grid
     budget = default_memory_budget() if max_memory is None else int(max_memory)
@@ -663,6 +712,7 @@ def predict_case(
                     done=done,
                     total=total,
                     prepare=False,
+                    precision=precision,
                 )
         prob_vol = None
         if probs is not None and full_probs:
@@ -677,7 +727,7 @@ def predict_case(
             # classes no plan voxel's argmax holds are not restored (nearest neighbour never
             # gave them either): a many-class model pays for what the scan shows
             shown = [c for c in range(1, plan.num_classes) if (classes == c).any()]
-            restored = restore_classes(probs, prepared.record, classes.dtype, shown)
+            restored = restore_classes(probs, prepared.record, classes.dtype, shown, classes)
     if loaded.postprocessing:
         restored = apply_postprocessing(
             restored,

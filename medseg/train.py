@@ -586,21 +586,15 @@ class TrainResult:
 
 
 def bf16_autocast(device: torch.device) -> bool:
-    """Whether bf16 autocast makes training faster on ``device``: on a CUDA GPU with bf16
-    (Ampere and later), and on a CPU whose oneDNN has native bf16 (AMX tiles or AVX512-BF16).
-    Elsewhere bf16 is emulated and slower, and training stays float32.
-    Measured on this project's 2-core Xeon (AMX), channels-last: DRIVE's 2D network (depth 3,
-    base 32, batch 2 of 164x164 outputs) 0.40 -> 0.16 s per step, BraTS-sized 3D 1.64 -> 1.07 s.
-    The weights, the optimiser and the loss stay float32 (mixed precision, as nnU-Net trains
-    on GPUs)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        check = getattr(cpu, probe, None)
-        if check is not None and check():
-            return True
-    return False
+    """Whether bf16 autocast makes training faster on ``device``: where it has native bf16
+    (:func:`medseg.infer.native_bf16`). Elsewhere bf16 is emulated and slower, and training
+    stays float32. Measured on this project's 2-core Xeon (AMX), channels-last: DRIVE's 2D
+    network (depth 3, base 32, batch 2 of 164x164 outputs) 0.40 -> 0.16 s per step,
+    BraTS-sized 3D 1.64 -> 1.07 s. The weights, the optimiser and the loss stay float32
+    (mixed precision, as nnU-Net trains on GPUs)."""
+    from medseg.infer import native_bf16
+
+    return native_bf16(device)
 
 
 def _memory_format(device: torch.device, spatial_dims: int) -> torch.memory_format:

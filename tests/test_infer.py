@@ -106,6 +106,38 @@ def test_tiled_equals_whole_volume_2d(rng: np.random.Generator, depth: int) -> N
         assert np.abs(got - ref).max() <= 1e-4, tile
 
 
+@pytest.mark.skipif(
+    not infer.native_bf16(torch.device("cpu")), reason="this CPU has no native bf16"
+)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_bf16_precision_stays_close_to_float32_logits(rng: np.random.Generator, dims: int) -> None:
+    net = random_unet(dims, 2, 3, depth=2, base=8, seed=5)
+    image = rng.normal(size=(2, *[40] * dims)).astype(np.float32)
+    ref = whole_volume_logits(net, image, [()])
+    fp32 = infer.predict_logits(net, image, tile_size=20, prepare=True, precision="float32")
+    bf16 = infer.predict_logits(net, image, tile_size=20, prepare=True, precision="bf16")
+    scale = np.abs(ref).max()
+    assert np.abs(fp32 - ref).max() <= 1e-4 * scale
+    err = np.abs(bf16 - ref).max()
+    assert 1e-4 * scale < err <= 0.05 * scale  # bf16 really ran, and stayed within its eps
+    top = np.sort(ref, axis=0)
+    clear = top[-1] - top[-2] > 0.1 * scale
+    assert clear.mean() > 0.5
+    assert np.array_equal(bf16.argmax(0)[clear], ref.argmax(0)[clear])
+
+
+def test_unknown_precision_and_missing_bf16_are_refused(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = random_unet(2, 1, 2, depth=1, base=2)
+    image = rng.normal(size=(1, 20, 20)).astype(np.float32)
+    with pytest.raises(infer.ModelError, match="--precision 'fp8'"):
+        infer.predict_logits(net, image, precision="fp8")
+    monkeypatch.setattr(infer, "native_bf16", lambda device: False)
+    with pytest.raises(infer.ModelError, match="no native bf16.*--precision float32"):
+        infer.predict_logits(net, image, precision="bf16")
+
+
 def test_tiled_with_flip_tta_equals_whole_with_flip_tta(rng: np.random.Generator) -> None:
     net = random_unet(3, 1, 2, depth=2, base=2, seed=3)
     image = rng.normal(size=(1, 31, 26, 19)).astype(np.float32)
@@ -569,6 +601,26 @@ def test_cli_infer_writes_labels_on_input_grid(
     assert probs.array.shape == (2, *scan.grid.shape)
 
 
+@pytest.mark.skipif(
+    not infer.native_bf16(torch.device("cpu")), reason="this CPU has no native bf16"
+)
+def test_cli_infer_bf16_gives_the_float32_labels_but_for_near_ties(
+    data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = make_plan(dims=2, channels=3, depth=2, base=4, label_values=(0, 255))
+    folder, _ = model_folder(tmp_path, plan)
+    scan = data_root / "drive/training/images/21_training.tif"
+    labels = {}
+    for precision in ("float32", "bf16"):
+        out = tmp_path / f"{precision}.png"
+        args = ["infer", "--volume", str(scan), "--model", str(folder), "--output", str(out)]
+        code, _, err = run_cli([*args, "--device", "cpu", "--precision", precision], capsys)
+        assert code == 0, err
+        labels[precision] = read_volume(out).array
+    agree = (labels["float32"] == labels["bf16"]).mean()
+    assert 0.97 < agree < 1.0, agree
+
+
 def _no_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
@@ -591,6 +643,16 @@ def test_cli_bad_inputs_one_line_exit_2_nothing_written(
         "plan.json not found": ["--model", str(no_plan), "--volume", scan, "--volume", scan],
         "refused": ["--model", str(evil), "--volume", scan, "--volume", scan],
         "channel": ["--model", str(folder), "--volume", scan],
+        "--precision 'fp8'": [
+            "--model",
+            str(folder),
+            "--volume",
+            scan,
+            "--volume",
+            scan,
+            "--precision",
+            "fp8",
+        ],
         "does not exist": [
             "--model",
             str(folder),

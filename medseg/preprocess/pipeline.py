@@ -25,7 +25,7 @@ from medseg.preprocess.fingerprint import (
 )
 from medseg.preprocess.normalise import apply_normalisation, normalise
 from medseg.preprocess.plan import ChannelPlan, Plan
-from medseg.preprocess.resample import axis_map, is_identity, resample_array
+from medseg.preprocess.resample import axis_map, is_identity, resample_argmax, resample_array
 from medseg.volume import Box, Grid, Volume, reorient_array
 
 #: Image interpolation order in-plane, and along an axis this many times coarser than the
@@ -407,27 +407,22 @@ def restore_classes(
     record: CaseRecord,
     dtype: Any = np.int8,
     classes: Sequence[int] | None = None,
+    labels: np.ndarray | None = None,
 ) -> np.ndarray:
     """``(C, I, J, K)`` probabilities on the preprocessed grid -> class indices ``(I, J, K)``
-    on the scan's own grid: the argmax of :func:`restore_probabilities`, restored one class at
-    a time (two float32 volumes of the scan at the peak instead of C).
+    on the scan's own grid: the argmax of :func:`restore_probabilities`, interpolated only
+    where the preprocessed grid's argmax changes (``resample.resample_argmax``; no float
+    volume of the scan is made).
 
     ``classes``: restore only these (background always); e.g. the classes the preprocessed
     grid's argmax contains, so that a many-class model pays for the structures a scan shows.
+    ``labels``: that argmax on the preprocessed grid, if already known.
     """
     p = _as3d(probs, record.grid, "probabilities")
-    out = np.zeros(record.original_grid.shape, dtype=dtype)
-    best: np.ndarray | None = None
-    wanted = range(p.shape[0]) if classes is None else sorted({0, *map(int, classes)})
-    for c in wanted:
-        channel = np.asarray(p[c : c + 1], dtype=np.float32)
-        r = resample_array(channel, record.grid, record.original_grid, order=1)[0]
-        if best is None:
-            best = r
-            continue
-        better = r > best
-        out[better] = c
-        np.maximum(best, r, out=best)
+    lab = None if labels is None else _as3d(np.asarray(labels), record.grid, "classes")
+    out = resample_argmax(
+        p, record.grid, record.original_grid, labels=lab, classes=classes, dtype=dtype
+    )
     return _background_outside_crop(out, record)
 
 

@@ -421,6 +421,127 @@ def _onehot_label(
     return out
 
 
+#: Target voxels whose class is interpolated at a time in :func:`resample_argmax` (bounds its
+#: gather temporaries: 8 source indices and weights per voxel).
+_ARGMAX_CHUNK = 1 << 18
+
+
+def _linear_taps(
+    points: tuple[np.ndarray, np.ndarray, np.ndarray],
+    source: Grid,
+    axis_rows: list[tuple[np.ndarray, np.ndarray]],
+    amap: AxisMap,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat source indices and weights ``(n, 8)`` of linear interpolation at target ``points``
+    (index arrays, one per target axis) for an axis-by-axis map; ``axis_rows[t]`` holds
+    ``_interp_rows`` of every index along target axis ``t``."""
+    strides = (source.shape[1] * source.shape[2], source.shape[2], 1)
+    idx = np.zeros((points[0].size, 1), dtype=np.int64)
+    w = np.ones((points[0].size, 1), dtype=np.float64)
+    for t in range(3):
+        taps, weights = axis_rows[t]
+        ti, tw = taps[points[t]], weights[points[t]]
+        s = strides[amap.perm[t]]
+        idx = (idx[:, :, None] + s * ti[:, None, :]).reshape(idx.shape[0], -1)
+        w = (w[:, :, None] * tw[:, None, :]).reshape(w.shape[0], -1)
+    return idx, w
+
+
+def resample_argmax(
+    probs: np.ndarray,
+    source: Grid,
+    target: Grid,
+    *,
+    labels: np.ndarray | None = None,
+    classes: Sequence[int] | None = None,
+    dtype: type[np.integer] | np.dtype = np.int8,
+) -> np.ndarray:
+    """``(I, J, K)`` on ``target``: the argmax over classes of ``probs`` ``(C, I, J, K)``
+    resampled linearly from ``source`` (ties to the lower class), without resampling whole
+    channels.
+
+    Linear interpolation blends the 2x2x2 source voxels around a target voxel with
+    non-negative weights. Where those share one argmax ``k`` the blend's argmax is ``k`` too
+    (``p_k >= p_j`` at every corner holds for any convex combination), and the nearest source
+    voxel, one of the corners, has it. So the nearest-neighbour copy of the source argmax is
+    exact there, and the probabilities are interpolated only at target voxels whose nearest
+    source voxel has a different argmax within its 3x3x3 neighbourhood: the boundaries.
+
+    ``labels``: the source argmax if already known; ``classes``: consider only these (class 0
+    always), e.g. the classes ``labels`` contains.
+    """
+    if probs.ndim != 4 or tuple(probs.shape[1:]) != source.shape:
+        raise GeometryError(
+            f"probabilities shape {probs.shape} do not match (C, {source.shape[0]}, "
+            f"{source.shape[1]}, {source.shape[2]})"
+        )
+    wanted = list(range(probs.shape[0])) if classes is None else sorted({0, *map(int, classes)})
+    if labels is None:
+        labels = np.zeros(source.shape, dtype=dtype)
+        best = np.asarray(probs[wanted[0]], dtype=np.float32).copy()
+        for c in wanted[1:]:
+            pc = np.asarray(probs[c], dtype=np.float32)
+            labels[pc > best] = c
+            np.maximum(best, pc, out=best)
+        del best
+    amap = axis_map(source, target)
+    out = np.asarray(_nearest_label(labels, source, target, amap), dtype=dtype)
+    mixed = ndi.maximum_filter(labels, size=3, mode="nearest") != ndi.minimum_filter(
+        labels, size=3, mode="nearest"
+    )
+    if not mixed.any():
+        return out
+    todo = _nearest_label(mixed.view(np.uint8), source, target, amap)
+    del mixed
+    flat = [np.asarray(probs[c], dtype=np.float32).reshape(-1) for c in wanted]
+    rows = None
+    if amap is not None:
+        rows = []
+        for t in range(3):
+            x = amap.coords(t, target.shape[t])
+            rows.append(_interp_rows(x, source.shape[amap.perm[t]], 1))
+    m = np.linalg.inv(source.affine) @ target.affine
+    step = max(1, _ARGMAX_CHUNK // max(1, target.shape[1] * target.shape[2]))
+    for i0 in range(0, target.shape[0], step):
+        pts = np.nonzero(todo[i0 : i0 + step])
+        pts = (pts[0] + i0, pts[1], pts[2])
+        for lo in range(0, pts[0].size, _ARGMAX_CHUNK):
+            p = (
+                pts[0][lo : lo + _ARGMAX_CHUNK],
+                pts[1][lo : lo + _ARGMAX_CHUNK],
+                pts[2][lo : lo + _ARGMAX_CHUNK],
+            )
+            if rows is not None:
+                assert amap is not None
+                idx, w = _linear_taps(p, source, rows, amap)
+
+                def value(c: int, idx: np.ndarray = idx, w: np.ndarray = w) -> np.ndarray:
+                    return np.einsum("nt,nt->n", flat[c][idx], w)
+            else:
+                # the same coordinates and interpolation as _map_coordinates
+                ijk = [q.astype(np.float64) for q in p]
+                coords = np.stack(
+                    [
+                        m[r, 0] * ijk[0] + m[r, 1] * ijk[1] + m[r, 2] * ijk[2] + m[r, 3]
+                        for r in range(3)
+                    ]
+                )
+
+                def value(c: int, coords: np.ndarray = coords) -> np.ndarray:
+                    a = flat[c].reshape(source.shape)
+                    return ndi.map_coordinates(a, coords, order=1, mode="nearest", prefilter=False)
+
+            best_v = value(0)
+            arg = np.full(best_v.shape, wanted[0], dtype=dtype)
+            for i, c in enumerate(wanted[1:], start=1):
+                v = value(i)
+                better = v > best_v
+                arg[better] = c
+                np.maximum(best_v, v, out=best_v)
+            out[p] = arg
+    return out
+
+
 def is_identity(source: Grid, target: Grid, amap: AxisMap | None = None) -> bool:
     """True when ``target`` samples exactly ``source``'s voxel centres in the same order, so
     resampling returns the values unchanged (``amap``: ``axis_map(source, target)`` if known)."""
