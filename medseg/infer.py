@@ -39,11 +39,13 @@ DEFAULT_MEMORY_FRACTION = 0.5
 #: Outputs larger than this fraction of the budget are kept in a memory-mapped temp file.
 MEMMAP_FRACTION = 0.25
 #: Resampled cases of models with at most this many classes take their labels from the
-#: restored probabilities (see ``preprocess.pipeline.restore_resamples``). They cost 4 bytes
-#: per class per plan voxel and a linear resample per class shown. A 512x512x200 scan planned
-#: at 1 mm (358x358x500) with a trivial network: 5 classes 8.5-12.4 s and 3.4-4.0 GiB peak vs
-#: 4.2-5.5 s and 2.2-2.6 GiB by nearest neighbour; 20 classes 41.5 s vs 8.2-13.4 s. Models
-#: with more classes (whole-body atlases) keep the nearest-neighbour restore.
+#: restored probabilities (see ``preprocess.pipeline.restore_resamples``). The restore itself
+#: is cheap (``resample.resample_argmax`` interpolates only at class boundaries); holding the
+#: probabilities on the plan grid is not: 4 bytes per class per plan voxel, written per tile.
+#: A 512x512x200 scan planned at 1 mm (358x358x500) with a trivial network: 5 classes 8.9 s
+#: vs 4.1-4.3 s by nearest neighbour; 20 classes 35 s (23 s writing probabilities) and
+#: 8.9 GiB vs 8.4 s and 5.8 GiB. Models with more classes (whole-body atlases) keep the
+#: nearest-neighbour restore.
 PROBABILITY_RESTORE_MAX_CLASSES = 8
 
 #: ``progress(done, total)``: tiles finished so far and the total for the case.
