@@ -32,6 +32,7 @@ from medseg.errors import CohortError, MedsegError, ModelError, PlanError, ReadE
 from medseg.io import split_suffix
 from medseg.model import shapes
 from medseg.preprocess.plan import Plan
+from medseg.preprocess.resample import SparseProbabilities
 from medseg.volume import Volume
 
 #: Fraction of the available memory used when no budget is given.
@@ -39,13 +40,14 @@ DEFAULT_MEMORY_FRACTION = 0.5
 #: Outputs larger than this fraction of the budget are kept in a memory-mapped temp file.
 MEMMAP_FRACTION = 0.25
 #: Resampled cases of models with at most this many classes take their labels from the
-#: restored probabilities (see ``preprocess.pipeline.restore_resamples``). The restore itself
-#: is cheap (``resample.resample_argmax`` interpolates only at class boundaries); holding the
-#: probabilities on the plan grid is not: 4 bytes per class per plan voxel, written per tile.
-#: A 512x512x200 scan planned at 1 mm (358x358x500) with a trivial network: 5 classes 8.9 s
-#: vs 4.1-4.3 s by nearest neighbour; 20 classes 35 s (23 s writing probabilities) and
-#: 8.9 GiB vs 8.4 s and 5.8 GiB. Models with more classes (whole-body atlases) keep the
-#: nearest-neighbour restore.
+#: restored probabilities (see ``preprocess.pipeline.restore_resamples``), kept only near
+#: class boundaries (``_BoundaryProbabilities``) and interpolated only there
+#: (``resample.resample_argmax``). A 512x512x200 scan planned at 1 mm (358x358x500) with a
+#: trivial network: 5 classes 7.3 s and 2.5-3.0 GiB vs 4.1 s and 2.9 GiB by nearest
+#: neighbour (all probabilities on the plan grid: 8.9-9.8 s, 3.5 GiB); 20 classes 20 s and
+#: 6.4 GiB vs 9.8 s and 6.5 GiB (all probabilities: 35 s, 9.5 GiB). The tile budget still
+#: sets aside room for all probabilities, so models with more classes (whole-body atlases)
+#: keep the nearest-neighbour restore until that reservation is sized to the boundary store.
 PROBABILITY_RESTORE_MAX_CLASSES = 8
 
 #: ``progress(done, total)``: tiles finished so far and the total for the case.
@@ -627,6 +629,61 @@ def check_channels(images: Sequence[Volume], plan: Plan) -> None:
         )
 
 
+def _boundary_suffices(plan: Plan, record: Any) -> bool:
+    """Whether tiles can collect the boundary probabilities of a resampled case: always in 3D;
+    for 2D plans (tiles are single slices) only where the restore samples whole slices, so
+    that no restored voxel blends two slices."""
+    from medseg.preprocess.resample import axis_map
+
+    if plan.spatial_dims == 3:
+        return True
+    amap = axis_map(record.grid, record.original_grid)
+    if amap is None:
+        return False
+    t = amap.perm.index(2)
+    x = amap.coords(t, record.original_grid.shape[t])
+    return bool(np.all(np.abs(x - np.round(x)) < 1e-6))
+
+
+class _BoundaryProbabilities:
+    """Softmax values of the plan voxels the restore of a resampled case may read
+    (:func:`medseg.preprocess.resample.resample_argmax`): per tile, those whose 3x3(x3)
+    neighbourhood inside the tile changes class, and the tile's faces, whose neighbours lie in
+    other tiles. A superset of every voxel whose neighbourhood changes class in the whole
+    case, at a fraction of the memory of all probabilities."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = shape
+        self._keys: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+
+    def add(self, labels: np.ndarray, logits: np.ndarray, start: tuple[int, ...]) -> None:
+        """A tile's argmax ``labels`` and ``logits`` ``(C, *labels.shape)`` whose first voxel
+        is plan voxel ``start`` (three indices; a 2D tile lies in slice ``start[2]``)."""
+        from scipy import ndimage
+
+        keep = ndimage.maximum_filter(labels, 3, mode="nearest") != ndimage.minimum_filter(
+            labels, 3, mode="nearest"
+        )
+        for ax in range(labels.ndim):
+            keep[(slice(None),) * ax + (0,)] = True
+            keep[(slice(None),) * ax + (-1,)] = True
+        local = np.nonzero(keep)
+        coords = [q + s for q, s in zip(local, start, strict=False)]
+        if labels.ndim == 2:
+            coords.append(np.full_like(coords[0], start[2]))
+        self._keys.append(np.ravel_multi_index(tuple(coords), self.shape))
+        self._values.append(softmax(logits[:, keep]))
+
+    def finish(self) -> SparseProbabilities:
+
+        keys = np.concatenate(self._keys)
+        order = np.argsort(keys)
+        values = np.concatenate(self._values, axis=1)[:, order]
+        self._keys, self._values = [], []
+        return SparseProbabilities(keys[order], values, self.shape)
+
+
 def predict_case(
     images: Sequence[Volume],
     loaded: LoadedModel,
@@ -676,9 +733,15 @@ def predict_case(
         prepared.record
     )
     full_probs = save_probabilities or needs_probabilities(loaded.postprocessing)
-    want_probs = full_probs or resampled
+    # for the labels alone the probabilities are kept only near class boundaries
+    boundary = (
+        _BoundaryProbabilities(tuple(spatial))  # type: ignore[arg-type]
+        if resampled and not full_probs and _boundary_suffices(plan, prepared.record)
+        else None
+    )
+    want_probs = full_probs or (resampled and boundary is None)
     # the budget covers tiles and outputs: output arrays held in memory come off the tiles'
-    held = _outputs_nbytes(tuple(spatial), plan.num_classes, want_probs, budget)
+    held = _outputs_nbytes(tuple(spatial), plan.num_classes, resampled or want_probs, budget)
     layout = tile_layout(
         fast, slices[0].shape[1:], tile_size=tile_size, max_memory=max(0, budget - held)
     )
@@ -699,10 +762,14 @@ def predict_case(
                     logits: np.ndarray,
                     cls_view: np.ndarray = cls_view,
                     prob_view: np.ndarray | None = prob_view,
+                    k: int = k,
                 ) -> None:
-                    cls_view[t.write.slices()] = logits.argmax(axis=0)
+                    lab = logits.argmax(axis=0)
+                    cls_view[t.write.slices()] = lab
                     if prob_view is not None:
                         prob_view[(slice(None), *t.write.slices())] = softmax(logits)
+                    if boundary is not None:
+                        boundary.add(lab, logits, (*t.write.start, k)[:3])
 
                 done = run_tiles(
                     fast,
@@ -725,11 +792,12 @@ def predict_case(
         elif prob_vol is not None:
             restored = prob_vol.array.argmax(axis=0).astype(classes.dtype)
         else:
-            assert probs is not None
+            held_probs = boundary.finish() if boundary is not None else probs
+            assert held_probs is not None
             # classes no plan voxel's argmax holds are not restored (nearest neighbour never
             # gave them either): a many-class model pays for what the scan shows
             shown = [c for c in range(1, plan.num_classes) if (classes == c).any()]
-            restored = restore_classes(probs, prepared.record, classes.dtype, shown, classes)
+            restored = restore_classes(held_probs, prepared.record, classes.dtype, shown, classes)
     if loaded.postprocessing:
         restored = apply_postprocessing(
             restored,

@@ -468,6 +468,45 @@ def test_finer_plan_restores_labels_without_a_shift(dims: int, slope: float) -> 
     assert np.array_equal(pred.labels.array[0].astype(bool), ref)
 
 
+@pytest.mark.parametrize(
+    ("dims", "spacing"), [(3, (0.6, 1.3, 0.8)), (3, (1.7, 1.4, 2.2)), (2, (0.7, 1.6, 1.0))]
+)
+def test_boundary_probabilities_restore_the_labels_of_all_probabilities(
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+    dims: int,
+    spacing: tuple[float, float, float],
+) -> None:
+    """A resampled case keeps softmax values only near class boundaries, tile by tile; its
+    labels must equal the argmax of all probabilities restored linearly (the
+    ``--save-probabilities`` path, whole channels through the separable resampler)."""
+    shape = (31, 27, 19 if dims == 3 else 3)
+    smooth = ndimage.gaussian_filter(rng.normal(size=shape), (2.0, 2.0, 2.0 if dims == 3 else 0))
+    scan = Volume(
+        (smooth * 50)[None].astype(np.float32), Grid(shape, np.diag([1.0, 1.0, 1.0, 1.0]))
+    )
+    plan = make_plan(dims=dims, label_values=(0, 1, 2), target_spacing=spacing, base=4)
+    net = random_unet(dims, 1, 3, depth=2, base=4, seed=7)
+    loaded = infer.LoadedModel(net, plan)
+    added: list[int] = []
+    real_add = infer._BoundaryProbabilities.add
+
+    def counted(self: Any, labels: np.ndarray, *args: Any) -> None:
+        added.append(labels.size)
+        real_add(self, labels, *args)
+
+    monkeypatch.setattr(infer._BoundaryProbabilities, "add", counted)
+    got = infer.predict_case([scan], loaded, tile_size=12)
+    assert added  # the boundary store ran, tile by tile
+    full = infer.predict_case([scan], loaded, tile_size=12, save_probabilities=True)
+    assert full.probabilities is not None
+    probs = full.probabilities.array
+    top = np.sort(probs, axis=0)
+    clear = top[-1] - top[-2] > 1e-5
+    assert clear.mean() > 0.99 and len(np.unique(full.labels.array)) == 3
+    assert np.array_equal(got.labels.array[0][clear], full.labels.array[0][clear])
+
+
 @pytest.mark.parametrize("n_classes", [2, infer.PROBABILITY_RESTORE_MAX_CLASSES + 1])
 def test_many_class_models_restore_by_nearest_neighbour(
     n_classes: int, monkeypatch: pytest.MonkeyPatch

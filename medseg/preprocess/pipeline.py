@@ -25,7 +25,13 @@ from medseg.preprocess.fingerprint import (
 )
 from medseg.preprocess.normalise import apply_normalisation, normalise
 from medseg.preprocess.plan import ChannelPlan, Plan
-from medseg.preprocess.resample import axis_map, is_identity, resample_argmax, resample_array
+from medseg.preprocess.resample import (
+    SparseProbabilities,
+    axis_map,
+    is_identity,
+    resample_argmax,
+    resample_array,
+)
 from medseg.volume import Box, Grid, Volume, reorient_array
 
 #: Image interpolation order in-plane, and along an axis this many times coarser than the
@@ -403,7 +409,7 @@ def _background_outside_crop(out: np.ndarray, record: CaseRecord) -> np.ndarray:
 
 
 def restore_classes(
-    probs: np.ndarray,
+    probs: np.ndarray | SparseProbabilities,
     record: CaseRecord,
     dtype: Any = np.int8,
     classes: Sequence[int] | None = None,
@@ -416,9 +422,14 @@ def restore_classes(
 
     ``classes``: restore only these (background always); e.g. the classes the preprocessed
     grid's argmax contains, so that a many-class model pays for the structures a scan shows.
-    ``labels``: that argmax on the preprocessed grid, if already known.
+    ``labels``: that argmax on the preprocessed grid, if already known (required with
+    :class:`~medseg.preprocess.resample.SparseProbabilities`, the boundary voxels' only).
     """
-    p = _as3d(probs, record.grid, "probabilities")
+    p = (
+        probs
+        if isinstance(probs, SparseProbabilities)
+        else _as3d(probs, record.grid, "probabilities")
+    )
     lab = None if labels is None else _as3d(np.asarray(labels), record.grid, "classes")
     out = resample_argmax(
         p, record.grid, record.original_grid, labels=lab, classes=classes, dtype=dtype

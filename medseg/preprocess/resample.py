@@ -425,33 +425,59 @@ def _onehot_label(
 
 
 #: Target voxels whose class is interpolated at a time in :func:`resample_argmax` (bounds its
-#: gather temporaries: 8 source indices and weights per voxel).
+#: gather temporaries: up to 8 source indices and weights per voxel).
 _ARGMAX_CHUNK = 1 << 18
 
 
-def _linear_taps(
-    points: tuple[np.ndarray, np.ndarray, np.ndarray],
-    source: Grid,
-    axis_rows: list[tuple[np.ndarray, np.ndarray]],
-    amap: AxisMap,
+@dataclass(frozen=True)
+class SparseProbabilities:
+    """Class probabilities of some voxels of a ``shape`` grid: ``keys`` are their flat
+    (C-order) indices, sorted; ``values`` ``(C, n)`` float32, column ``i`` for ``keys[i]``.
+    Enough for :func:`resample_argmax` when they hold every voxel whose 3x3x3 neighbourhood
+    changes class (see there)."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    shape: tuple[int, int, int]
+
+    def positions(self, flat: np.ndarray) -> np.ndarray:
+        """Columns of ``values`` for flat indices ``flat`` (all must be held)."""
+        pos = np.searchsorted(self.keys, flat)
+        held = pos < self.keys.size
+        held[held] = self.keys[pos[held]] == flat[held]
+        if not held.all():
+            raise GeometryError(
+                f"{int((~held).sum())} voxels needed for the restore have no probabilities"
+            )
+        return pos
+
+
+def _tap_rows(x: np.ndarray, n: int, integral: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Linear taps ``(m, 2)`` at fractional indices ``x``; ``(m, 1)`` of weight 1 where every
+    ``x`` is integral, so that no zero-weight tap reaches a neighbouring voxel."""
+    return _interp_rows(x, n, 0 if integral else 1)
+
+
+def _integral(x: np.ndarray) -> bool:
+    return bool(np.all(np.abs(x - np.round(x)) < 1e-6))
+
+
+def _combine_taps(
+    rows: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Flat source indices and weights ``(n, 8)`` of linear interpolation at target ``points``
-    (index arrays, one per target axis) for an axis-by-axis map; ``axis_rows[t]`` holds
-    ``_interp_rows`` of every index along target axis ``t``."""
-    strides = (source.shape[1] * source.shape[2], source.shape[2], 1)
-    idx = np.zeros((points[0].size, 1), dtype=np.int64)
-    w = np.ones((points[0].size, 1), dtype=np.float64)
-    for t in range(3):
-        taps, weights = axis_rows[t]
-        ti, tw = taps[points[t]], weights[points[t]]
-        s = strides[amap.perm[t]]
-        idx = (idx[:, :, None] + s * ti[:, None, :]).reshape(idx.shape[0], -1)
-        w = (w[:, :, None] * tw[:, None, :]).reshape(w.shape[0], -1)
+    """Flat source indices and weights ``(m, T)`` from per-source-axis taps ``(m, t_r)``."""
+    strides = (shape[1] * shape[2], shape[2], 1)
+    m = rows[0][0].shape[0]
+    idx = np.zeros((m, 1), dtype=np.int64)
+    w = np.ones((m, 1), dtype=np.float64)
+    for (ti, tw), s in zip(rows, strides, strict=True):
+        idx = (idx[:, :, None] + s * ti[:, None, :]).reshape(m, -1)
+        w = (w[:, :, None] * tw[:, None, :]).reshape(m, -1)
     return idx, w
 
 
 def resample_argmax(
-    probs: np.ndarray,
+    probs: np.ndarray | SparseProbabilities,
     source: Grid,
     target: Grid,
     *,
@@ -467,19 +493,28 @@ def resample_argmax(
     non-negative weights. Where those share one argmax ``k`` the blend's argmax is ``k`` too
     (``p_k >= p_j`` at every corner holds for any convex combination), and the nearest source
     voxel, one of the corners, has it. So the nearest-neighbour copy of the source argmax is
-    exact there, and the probabilities are interpolated only at target voxels whose nearest
-    source voxel has a different argmax within its 3x3x3 neighbourhood: the boundaries.
+    exact there. Probabilities are read only at the corners of blocks whose argmax is not
+    uniform; every such corner has another class within its 3x3x3 neighbourhood (1 voxel wide
+    along axes the target samples at whole source indices, where a block is one voxel thick),
+    so ``probs`` may be :class:`SparseProbabilities` holding just those voxels.
 
-    ``labels``: the source argmax if already known; ``classes``: consider only these (class 0
-    always), e.g. the classes ``labels`` contains.
+    ``labels``: the source argmax (required with sparse ``probs``); ``classes``: consider
+    only these (class 0 always), e.g. the classes ``labels`` contains.
     """
-    if probs.ndim != 4 or tuple(probs.shape[1:]) != source.shape:
+    if isinstance(probs, SparseProbabilities):
+        shape, n_classes = probs.shape, probs.values.shape[0]
+    else:
+        if probs.ndim != 4:
+            raise GeometryError(f"probabilities of shape {probs.shape}: expected (C, I, J, K)")
+        shape, n_classes = tuple(probs.shape[1:]), probs.shape[0]
+    if shape != source.shape:
         raise GeometryError(
-            f"probabilities shape {probs.shape} do not match (C, {source.shape[0]}, "
-            f"{source.shape[1]}, {source.shape[2]})"
+            f"probabilities shape {shape} do not match the source grid {source.shape}"
         )
-    wanted = list(range(probs.shape[0])) if classes is None else sorted({0, *map(int, classes)})
+    wanted = list(range(n_classes)) if classes is None else sorted({0, *map(int, classes)})
     if labels is None:
+        if isinstance(probs, SparseProbabilities):
+            raise GeometryError("sparse probabilities need the source argmax (labels)")
         labels = np.zeros(source.shape, dtype=dtype)
         best = np.asarray(probs[wanted[0]], dtype=np.float32).copy()
         for c in wanted[1:]:
@@ -489,60 +524,64 @@ def resample_argmax(
         del best
     amap = axis_map(source, target)
     out = np.asarray(_nearest_label(labels, source, target, amap), dtype=dtype)
-    mixed = ndi.maximum_filter(labels, size=3, mode="nearest") != ndi.minimum_filter(
-        labels, size=3, mode="nearest"
+    # per source axis: does the target sample it at whole indices only (a one-voxel block)?
+    integral = [False, False, False]
+    rows: list[tuple[np.ndarray, np.ndarray] | None] = [None, None, None]
+    if amap is not None:
+        for t in range(3):
+            p, x = amap.perm[t], amap.coords(t, target.shape[t])
+            integral[p] = _integral(x)
+            rows[t] = _tap_rows(x, source.shape[p], integral[p])
+    size = tuple(1 if i else 3 for i in integral)
+    mixed = ndi.maximum_filter(labels, size=size, mode="nearest") != ndi.minimum_filter(
+        labels, size=size, mode="nearest"
     )
     if not mixed.any():
         return out
     todo = _nearest_label(mixed.view(np.uint8), source, target, amap)
     del mixed
-    flat = [np.asarray(probs[c], dtype=np.float32).reshape(-1) for c in wanted]
-    rows = None
-    if amap is not None:
-        rows = []
-        for t in range(3):
-            x = amap.coords(t, target.shape[t])
-            rows.append(_interp_rows(x, source.shape[amap.perm[t]], 1))
+    flat_labels = np.asarray(labels).reshape(-1)
+    # per wanted class, the values that flat source indices (dense) or positions (sparse) read
+    if isinstance(probs, SparseProbabilities):
+        lookup: SparseProbabilities | None = probs
+        sources = [probs.values[c] for c in wanted]
+    else:
+        lookup = None
+        sources = [np.asarray(probs[c], np.float32).reshape(-1) for c in wanted]
     m = np.linalg.inv(source.affine) @ target.affine
     step = max(1, _ARGMAX_CHUNK // max(1, target.shape[1] * target.shape[2]))
     for i0 in range(0, target.shape[0], step):
-        pts = np.nonzero(todo[i0 : i0 + step])
-        pts = (pts[0] + i0, pts[1], pts[2])
+        nz = np.nonzero(todo[i0 : i0 + step])
+        pts = (nz[0] + i0, nz[1], nz[2])
         for lo in range(0, pts[0].size, _ARGMAX_CHUNK):
-            p = (
-                pts[0][lo : lo + _ARGMAX_CHUNK],
-                pts[1][lo : lo + _ARGMAX_CHUNK],
-                pts[2][lo : lo + _ARGMAX_CHUNK],
-            )
-            if rows is not None:
-                assert amap is not None
-                idx, w = _linear_taps(p, source, rows, amap)
-
-                def value(i: int, idx: np.ndarray = idx, w: np.ndarray = w) -> np.ndarray:
-                    return np.einsum("nt,nt->n", flat[i][idx], w)
-            else:
-                # the same coordinates and interpolation as _map_coordinates
-                ijk = [q.astype(np.float64) for q in p]
-                coords = np.stack(
-                    [
-                        m[r, 0] * ijk[0] + m[r, 1] * ijk[1] + m[r, 2] * ijk[2] + m[r, 3]
-                        for r in range(3)
-                    ]
-                )
-
-                def value(i: int, coords: np.ndarray = coords) -> np.ndarray:
-                    a = flat[i].reshape(source.shape)
-                    return ndi.map_coordinates(a, coords, order=1, mode="nearest", prefilter=False)
-
-            # value(i): the interpolated probability of class wanted[i] at these points
-            best_v = value(0)
+            p3 = tuple(q[lo : lo + _ARGMAX_CHUNK] for q in pts)
+            per_axis: list[tuple[np.ndarray, np.ndarray]] = [None] * 3  # type: ignore[list-item]
+            if amap is not None:
+                for t in range(3):
+                    ti, tw = rows[t]  # type: ignore[misc]
+                    per_axis[amap.perm[t]] = (ti[p3[t]], tw[p3[t]])
+            else:  # the coordinates _map_coordinates computes, linear taps as map_coordinates
+                ijk = [q.astype(np.float64) for q in p3]
+                for r in range(3):
+                    x = m[r, 0] * ijk[0] + m[r, 1] * ijk[1] + m[r, 2] * ijk[2] + m[r, 3]
+                    per_axis[r] = _interp_rows(x, source.shape[r], 1)
+            idx, w = _combine_taps(per_axis, source.shape)
+            corner = flat_labels[idx]
+            # blocks of one class keep the nearest copy; the others are interpolated
+            rows_mixed = np.flatnonzero((corner != corner[:, :1]).any(axis=1))
+            if rows_mixed.size == 0:
+                continue
+            idx, w = idx[rows_mixed], w[rows_mixed]
+            if lookup is not None:
+                idx = lookup.positions(idx.reshape(-1)).reshape(idx.shape)
+            best_v = np.einsum("nt,nt->n", sources[0][idx], w)
             arg = np.full(best_v.shape, wanted[0], dtype=dtype)
-            for i, c in enumerate(wanted[1:], start=1):
-                v = value(i)
+            for c, src in zip(wanted[1:], sources[1:], strict=True):
+                v = np.einsum("nt,nt->n", src[idx], w)
                 better = v > best_v
                 arg[better] = c
                 np.maximum(best_v, v, out=best_v)
-            out[p] = arg
+            out[tuple(q[rows_mixed] for q in p3)] = arg
     return out
 
 
