@@ -32,7 +32,7 @@ from medseg.errors import CohortError, MedsegError, ModelError, PlanError, ReadE
 from medseg.io import split_suffix
 from medseg.model import shapes
 from medseg.preprocess.plan import Plan
-from medseg.preprocess.resample import SparseProbabilities
+from medseg.preprocess.resample import SparseProbabilities, axis_map
 from medseg.volume import Volume
 
 #: Fraction of the available memory used when no budget is given.
@@ -633,8 +633,6 @@ def _boundary_suffices(plan: Plan, record: Any) -> bool:
     """Whether tiles can collect the boundary probabilities of a resampled case: always in 3D;
     for 2D plans (tiles are single slices) only where the restore samples whole slices, so
     that no restored voxel blends two slices."""
-    from medseg.preprocess.resample import axis_map
-
     if plan.spatial_dims == 3:
         return True
     amap = axis_map(record.grid, record.original_grid)
@@ -676,7 +674,7 @@ class _BoundaryProbabilities:
         self._values.append(softmax(logits[:, keep]))
 
     def finish(self) -> SparseProbabilities:
-
+        """Everything added, sorted by flat index."""
         keys = np.concatenate(self._keys)
         order = np.argsort(keys)
         values = np.concatenate(self._values, axis=1)[:, order]
