@@ -32,7 +32,7 @@ from medseg.errors import CohortError, MedsegError, ModelError, PlanError, ReadE
 from medseg.io import split_suffix
 from medseg.model import shapes
 from medseg.preprocess.plan import Plan
-from medseg.preprocess.resample import SparseProbabilities, axis_map
+from medseg.preprocess.resample import SparseProbabilities, axis_map, class_changes, whole_indices
 from medseg.volume import Volume
 
 #: Fraction of the available memory used when no budget is given.
@@ -639,8 +639,7 @@ def _boundary_suffices(plan: Plan, record: Any) -> bool:
     if amap is None:
         return False
     t = amap.perm.index(2)
-    x = amap.coords(t, record.original_grid.shape[t])
-    return bool(np.all(np.abs(x - np.round(x)) < 1e-6))
+    return whole_indices(amap.coords(t, record.original_grid.shape[t]))
 
 
 class _BoundaryProbabilities:
@@ -658,11 +657,7 @@ class _BoundaryProbabilities:
     def add(self, labels: np.ndarray, logits: np.ndarray, start: tuple[int, ...]) -> None:
         """A tile's argmax ``labels`` and ``logits`` ``(C, *labels.shape)`` whose first voxel
         is plan voxel ``start`` (three indices; a 2D tile lies in slice ``start[2]``)."""
-        from scipy import ndimage
-
-        keep = ndimage.maximum_filter(labels, 3, mode="nearest") != ndimage.minimum_filter(
-            labels, 3, mode="nearest"
-        )
+        keep = class_changes(labels)
         for ax in range(labels.ndim):
             keep[(slice(None),) * ax + (0,)] = True
             keep[(slice(None),) * ax + (-1,)] = True
@@ -739,7 +734,8 @@ def predict_case(
     )
     want_probs = full_probs or (resampled and boundary is None)
     # the budget covers tiles and outputs: output arrays held in memory come off the tiles'
-    held = _outputs_nbytes(tuple(spatial), plan.num_classes, resampled or want_probs, budget)
+    # (the boundary store is budgeted as if every probability were kept)
+    held = _outputs_nbytes(tuple(spatial), plan.num_classes, resampled or full_probs, budget)
     layout = tile_layout(
         fast, slices[0].shape[1:], tile_size=tile_size, max_memory=max(0, budget - held)
     )

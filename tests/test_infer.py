@@ -678,30 +678,14 @@ def test_cli_bad_inputs_one_line_exit_2_nothing_written(
     evil.mkdir()
     make_plan(depth=1, channels=2).save(evil / "plan.json")
     torch.save({"w": _Evil()}, evil / "model.pt")
+    two_channels = ["--volume", scan, "--volume", scan]
+    good = ["--model", str(folder), *two_channels]
     cases = {
-        "plan.json not found": ["--model", str(no_plan), "--volume", scan, "--volume", scan],
-        "refused": ["--model", str(evil), "--volume", scan, "--volume", scan],
+        "plan.json not found": ["--model", str(no_plan), *two_channels],
+        "refused": ["--model", str(evil), *two_channels],
         "channel": ["--model", str(folder), "--volume", scan],
-        "--precision 'fp8'": [
-            "--model",
-            str(folder),
-            "--volume",
-            scan,
-            "--volume",
-            scan,
-            "--precision",
-            "fp8",
-        ],
-        "does not exist": [
-            "--model",
-            str(folder),
-            "--volume",
-            scan,
-            "--volume",
-            scan,
-            "--output",
-            str(tmp_path / "missing" / "p.nii.gz"),
-        ],
+        "--precision 'fp8'": [*good, "--precision", "fp8"],
+        "does not exist": [*good, "--output", str(tmp_path / "missing" / "p.nii.gz")],
     }
     for what, args in cases.items():
         if "--output" not in args:

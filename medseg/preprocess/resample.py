@@ -32,9 +32,10 @@ the argmax of their linear resample, interpolated only near the source argmax's 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -399,6 +400,33 @@ def _nearest_label(a: np.ndarray, source: Grid, target: Grid, amap: AxisMap | No
     return np.ascontiguousarray(out.transpose(amap.perm))
 
 
+def _argmax_over(values: Iterable[np.ndarray], classes: Sequence[int], dtype: Any) -> np.ndarray:
+    """Per element, the class of ``classes`` whose array in ``values`` (one per class, same
+    order, computed lazily) is largest; ties go to the earlier class. One array is held at a
+    time besides the running maximum."""
+    it = iter(values)
+    best = np.array(next(it), copy=True)
+    out = np.full(best.shape, classes[0], dtype=dtype)
+    for c, v in zip(classes[1:], it, strict=True):
+        better = v > best
+        out[better] = c
+        np.maximum(best, v, out=best)
+    return out
+
+
+def class_changes(labels: np.ndarray, size: int | Sequence[int] = 3) -> np.ndarray:
+    """Boolean: voxels whose ``size`` neighbourhood (edges replicated) holds more than one
+    class."""
+    return ndi.maximum_filter(labels, size=size, mode="nearest") != ndi.minimum_filter(
+        labels, size=size, mode="nearest"
+    )
+
+
+def whole_indices(x: np.ndarray) -> bool:
+    """Whether every fractional index in ``x`` is a whole one (to 1e-6 voxel)."""
+    return bool(np.all(np.abs(x - np.round(x)) < 1e-6))
+
+
 def _onehot_label(
     a: np.ndarray,
     source: Grid,
@@ -409,19 +437,15 @@ def _onehot_label(
     values = np.unique(a)
     if values.size == 1:
         return np.full(target.shape, values[0], dtype=a.dtype)
-    best = np.full(target.shape, -1.0, dtype=np.float32)
-    out = np.zeros(target.shape, dtype=a.dtype)
     cache: dict[tuple[int, int], AxisOp | None] = {}
-    for v in values:
+
+    def fraction(v: Any) -> np.ndarray:
         mask = (a == v).astype(np.float32)
         if amap is None:
-            p = _map_coordinates(mask, source, target, 1, order_is_label=False)
-        else:
-            p = _resample_channel(mask, source, target, (1, 1, 1), amap, pool, cache)
-        better = p > best
-        best[better] = p[better]
-        out[better] = v
-    return out
+            return _map_coordinates(mask, source, target, 1, order_is_label=False)
+        return _resample_channel(mask, source, target, (1, 1, 1), amap, pool, cache)
+
+    return _argmax_over((fraction(v) for v in values), list(values), a.dtype)
 
 
 #: Target voxels whose class is interpolated at a time in :func:`resample_argmax` (bounds its
@@ -456,10 +480,6 @@ def _tap_rows(x: np.ndarray, n: int, integral: bool) -> tuple[np.ndarray, np.nda
     """Linear taps ``(m, 2)`` at fractional indices ``x``; ``(m, 1)`` of weight 1 where every
     ``x`` is integral, so that no zero-weight tap reaches a neighbouring voxel."""
     return _interp_rows(x, n, 0 if integral else 1)
-
-
-def _integral(x: np.ndarray) -> bool:
-    return bool(np.all(np.abs(x - np.round(x)) < 1e-6))
 
 
 def _combine_taps(
@@ -515,13 +535,8 @@ def resample_argmax(
     if labels is None:
         if isinstance(probs, SparseProbabilities):
             raise GeometryError("sparse probabilities need the source argmax (labels)")
-        labels = np.zeros(source.shape, dtype=dtype)
-        best = np.asarray(probs[wanted[0]], dtype=np.float32).copy()
-        for c in wanted[1:]:
-            pc = np.asarray(probs[c], dtype=np.float32)
-            labels[pc > best] = c
-            np.maximum(best, pc, out=best)
-        del best
+        dense = probs
+        labels = _argmax_over((np.asarray(dense[c], np.float32) for c in wanted), wanted, dtype)
     amap = axis_map(source, target)
     out = np.asarray(_nearest_label(labels, source, target, amap), dtype=dtype)
     # per source axis: does the target sample it at whole indices only (a one-voxel block)?
@@ -530,12 +545,10 @@ def resample_argmax(
     if amap is not None:
         for t in range(3):
             p, x = amap.perm[t], amap.coords(t, target.shape[t])
-            integral[p] = _integral(x)
+            integral[p] = whole_indices(x)
             rows[t] = _tap_rows(x, source.shape[p], integral[p])
     size = tuple(1 if i else 3 for i in integral)
-    mixed = ndi.maximum_filter(labels, size=size, mode="nearest") != ndi.minimum_filter(
-        labels, size=size, mode="nearest"
-    )
+    mixed = class_changes(labels, size)
     if not mixed.any():
         return out
     todo = _nearest_label(mixed.view(np.uint8), source, target, amap)
@@ -574,13 +587,8 @@ def resample_argmax(
             idx, w = idx[rows_mixed], w[rows_mixed]
             if lookup is not None:
                 idx = lookup.positions(idx.reshape(-1)).reshape(idx.shape)
-            best_v = np.einsum("nt,nt->n", sources[0][idx], w)
-            arg = np.full(best_v.shape, wanted[0], dtype=dtype)
-            for c, src in zip(wanted[1:], sources[1:], strict=True):
-                v = np.einsum("nt,nt->n", src[idx], w)
-                better = v > best_v
-                arg[better] = c
-                np.maximum(best_v, v, out=best_v)
+            values = (np.einsum("nt,nt->n", src[idx], w) for src in sources)
+            arg = _argmax_over(values, wanted, dtype)
             out[tuple(q[rows_mixed] for q in p3)] = arg
     return out
 
