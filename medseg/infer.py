@@ -33,10 +33,16 @@ from medseg.io import split_suffix
 from medseg.model import shapes
 from medseg.preprocess.plan import Plan
 from medseg.preprocess.resample import SparseProbabilities, axis_map, class_changes, whole_indices
+from medseg.runtime import (  # noqa: F401  (re-exported for callers of medseg.infer)
+    PRECISIONS,
+    check_precision,
+    default_memory_budget,
+    native_bf16,
+    parse_bytes,
+    resolve_device,
+)
 from medseg.volume import Volume
 
-#: Fraction of the available memory used when no budget is given.
-DEFAULT_MEMORY_FRACTION = 0.5
 #: Outputs larger than this fraction of the budget are kept in a memory-mapped temp file.
 MEMMAP_FRACTION = 0.25
 #: Resampled cases of models with at most this many classes take their labels from the
@@ -52,76 +58,6 @@ PROBABILITY_RESTORE_MAX_CLASSES = 8
 
 #: ``progress(done, total)``: tiles finished so far and the total for the case.
 Progress = Callable[[int, int], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# devices and budgets
-# ---------------------------------------------------------------------------------------------
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``"cpu"``, ``"cuda"`` (``cuda:N``) or ``"auto"`` (CUDA when available)."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"--device {name}: CUDA is not available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ModelError(f"--device {name}: unknown device; use cpu, cuda or auto") from exc
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 (Ampere and later), or a
-    CPU whose oneDNN has AMX tiles or AVX512-BF16. Elsewhere bf16 is emulated and slower than
-    float32."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        check = getattr(cpu, probe, None)
-        if check is not None and check():
-            return True
-    return False
-
-
-#: ``--precision``: "auto" (reduced precision on CUDA, float32 on the CPU), "float32" or "bf16".
-PRECISIONS = ("auto", "float32", "bf16")
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse an unknown ``precision``, and "bf16" on a device without native bf16.
-
-    "bf16" runs the network's convolutions under bf16 autocast (on the CPU too); stitching,
-    TTA averaging and softmax stay float32. "auto" is float16/bf16 autocast on CUDA and float32
-    on the CPU, where only "float32" keeps the tiled result equal to a whole-volume forward
-    pass to float32 rounding."""
-    if precision not in PRECISIONS:
-        raise ModelError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" and not native_bf16(device):
-        what = "GPU" if device.type == "cuda" else "CPU (no AMX or AVX512-BF16)"
-        raise ModelError(
-            f"--precision bf16: this {what} has no native bf16 and would run slower; "
-            "use --precision float32"
-        )
-
-
-def default_memory_budget() -> int:
-    """Bytes this process may use for tiles and outputs: half of the available memory."""
-    import psutil
-
-    return int(psutil.virtual_memory().available * DEFAULT_MEMORY_FRACTION)
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """``"4G"``, ``"512M"``, ``"1.5g"``, ``"2000000"`` -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)i?[bB]?\s*", text)
-    if not m:
-        raise ModelError(f"--max-memory {text!r}: expected a size such as 4G, 512M or 2000000")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _model_device(model: nn.Module) -> torch.device:

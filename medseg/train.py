@@ -42,6 +42,7 @@ from medseg.config import Pipeline
 from medseg.errors import ModelError, PlanError
 from medseg.losses import SegmentationLoss
 from medseg.preprocess.plan import Plan
+from medseg.runtime import bf16_autocast
 from medseg.sampling import SamplingConfig, batch_rng, foreground_slots, output_box
 
 SPLITS_FILE = "splits.json"
@@ -585,18 +586,6 @@ class TrainResult:
     log: list[dict[str, Any]]
 
 
-def bf16_autocast(device: torch.device) -> bool:
-    """Whether bf16 autocast makes training faster on ``device``: where it has native bf16
-    (:func:`medseg.infer.native_bf16`). Elsewhere bf16 is emulated and slower, and training
-    stays float32. Measured on this project's 2-core Xeon (AMX), channels-last: DRIVE's 2D
-    network (depth 3, base 32, batch 2 of 164x164 outputs) 0.40 -> 0.16 s per step,
-    BraTS-sized 3D 1.64 -> 1.07 s. The weights, the optimiser and the loss stay float32
-    (mixed precision, as nnU-Net trains on GPUs)."""
-    from medseg.infer import native_bf16
-
-    return native_bf16(device)
-
-
 def _memory_format(device: torch.device, spatial_dims: int) -> torch.memory_format:
     """Channels-last on the CPU, where oneDNN convolves NHWC/NDHWC without reordering around
     every batch norm, ReLU and pooling; CUDA keeps the contiguous layout cuDNN expects."""
@@ -674,8 +663,8 @@ def train(
     ``stop_after_epochs`` ends this invocation after that many epochs (as if interrupted; the
     schedule still aims at ``epochs``), so a later ``resume=True`` continues it.
     """
-    from medseg.infer import resolve_device
     from medseg.model import UNet
+    from medseg.runtime import resolve_device
 
     cfg = TrainConfig.from_dict(
         {**pipeline.train, **(overrides or {})},

@@ -350,7 +350,7 @@ def test_nrrd_cache_maps_back_onto_the_original_label(data_root: Path, tmp_path)
     from medseg.io import read_volume
     from medseg.manifest import load_manifest
 
-    manifest_path = Path(__file__).resolve().parents[1] / "data_manifests" / "nrrd.json"
+    manifest_path = Path(__file__).resolve().parents[2] / "data_manifests" / "nrrd.json"
     m = load_manifest(manifest_path, data_root)
     res = preprocess_cohort(m, tmp_path, report=lambda s: None)
     plan = res.plan

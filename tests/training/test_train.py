@@ -377,7 +377,7 @@ def test_ddp_two_cpu_processes_keep_identical_weights(prep: Path, tmp_path: Path
 
 
 # -- real data (slow) ------------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _prepare(tmp_path: Path, data_root: Path, toml: str) -> Pipeline:

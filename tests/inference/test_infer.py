@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from medseg import infer
+from medseg import infer, runtime
 from medseg.model import UNet, shapes
 
 
@@ -133,7 +133,7 @@ def test_unknown_precision_and_missing_bf16_are_refused(
     image = rng.normal(size=(1, 20, 20)).astype(np.float32)
     with pytest.raises(infer.ModelError, match="--precision 'fp8'"):
         infer.predict_logits(net, image, precision="fp8")
-    monkeypatch.setattr(infer, "native_bf16", lambda device: False)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
     with pytest.raises(infer.ModelError, match="no native bf16.*--precision float32"):
         infer.predict_logits(net, image, precision="bf16")
 
