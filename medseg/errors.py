@@ -44,3 +44,7 @@ class CohortError(MedsegError):
     def __init__(self, message: str, failures: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.failures = dict(failures or {})
+
+
+class LockError(MedsegError):
+    """A run or cache folder is being written by another medseg process."""
