@@ -104,3 +104,30 @@ def test_cli_train_refuses_the_cache_in_one_line(tmp_path: Path, fingerprint, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "medseg preprocess --pipeline" in err[0]
     assert not out.exists()
+
+
+def test_complete_pipeline_in_docs_is_accepted_and_lists_every_key(tmp_path: Path) -> None:
+    """docs/train.md's TOML loads, each section passes its owner's parser, and every key the
+    parsers accept is shown (commented out where it has no literal default)."""
+    import dataclasses
+    import re
+
+    from medseg.augment import AugmentConfig
+    from medseg.preprocess.cohort import Options
+    from medseg.train import TrainConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "train.md").read_text()
+    toml = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert toml is not None
+    path = tmp_path / "mine.toml"
+    path.write_text(toml.group(1))
+    pipe = load_pipeline(path)
+    assert pipe.manifest is not None and pipe.prep_dir is not None
+    TrainConfig.from_dict({k: v for k, v in pipe.train.items() if k != "augment"})
+    AugmentConfig.from_dict(pipe.train.get("augment"))
+    Options.from_dict(pipe.preprocess)
+    assert set(pipe.infer) == {"tta"}
+    for cls in (TrainConfig, AugmentConfig, Options):
+        for f in dataclasses.fields(cls):
+            if f.name != "augment":
+                assert re.search(rf"^#? ?{f.name} = ", toml.group(1), re.M), f.name
