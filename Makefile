@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+	@echo 'medseg is installed in $(VENV). To run the medseg command, in each new shell:'
+	@echo '  source $(VENV)/bin/activate     (or: export PATH="$$PWD/$(BIN):$$PATH")'
 
 lint: $(STAMP)
 	$(BIN)/ruff check medseg tests benchmarks

@@ -570,10 +570,11 @@ def train(
 ) -> None:
     import os
 
-    from medseg.config import load_pipeline
+    from medseg.config import check_plan_overrides, load_pipeline
     from medseg.train import train as run_training
 
     pipe = load_pipeline(pipeline)
+    check_plan_overrides(pipe, prep if prep is not None else pipe.prep_dir)
     overrides: dict[str, Any] = {}
     if workers is not None:
         overrides["workers"] = workers

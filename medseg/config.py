@@ -10,12 +10,14 @@ prep_dir = "prep/brats2013"                  # preprocess writes here, train rea
 [train]       # training options (epochs, optimiser, loss, augmentation, time budget, ...)
 [infer]       # inference defaults (tta, tile size, ...)
 ```
-Each section is interpreted by the module that owns it; this module only parses and checks
-the top level.
+Each section is interpreted by the module that owns it; this module parses and checks the
+top level, and checks that a preprocessed folder was planned with the pipeline's ``[plan]``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -75,3 +77,76 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
         text=text,
         **{s: dict(data.get(s, {})) for s in SECTIONS},
     )
+
+
+#: Plan fields that preprocessing always derives from the data, whatever ``[plan]`` says.
+_DERIVED_NETWORK_KEYS = frozenset({"spatial_dims", "in_channels", "out_channels"})
+_NATIVE_ORIENTATION = (None, False, "", "none", "native")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as plan values: lists and tuples alike, floats to plan.json's 6 decimals."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        if isinstance(a, bool) or isinstance(b, bool):
+            return a is b
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-6)
+        except (TypeError, ValueError):
+            return False
+    return bool(a == b)
+
+
+def _override_differs(key: str, wanted: Any, planned: dict[str, Any]) -> bool:
+    """Whether ``[plan] key = wanted`` is not what ``planned`` (a plan.json object) holds.
+
+    Mirrors how ``medseg.preprocess.plan.make_plan`` applies overrides: ``network``,
+    ``channels`` (by position) and ``extra`` merge into the derived values, so only the keys
+    given are compared; the network's dims and channel counts are always derived.
+    """
+    have = planned.get(key)
+    if key == "orientation":
+        wanted = None if wanted in _NATIVE_ORIENTATION else list(wanted)
+        return not _same(wanted, have)
+    if key == "crop_to_nonzero":
+        return bool(wanted) != have
+    if key in ("network", "extra") and isinstance(wanted, dict) and isinstance(have, dict):
+        keys = set(wanted) - (_DERIVED_NETWORK_KEYS if key == "network" else set())
+        return any(k not in have or not _same(wanted[k], have[k]) for k in keys)
+    if key == "channels" and isinstance(wanted, list) and isinstance(have, list):
+        if len(wanted) > len(have):
+            return True
+        return any(
+            not isinstance(ov, dict) or any(not _same(v, ch.get(k)) for k, v in ov.items())
+            for ov, ch in zip(wanted, have, strict=False)
+        )
+    return key not in planned or not _same(wanted, have)
+
+
+def check_plan_overrides(pipeline: Pipeline, prep_dir: str | os.PathLike[str] | None) -> None:
+    """Refuse a cache whose ``plan.json`` was made without the pipeline's ``[plan]`` overrides.
+
+    ``medseg preprocess`` applies ``[plan]`` only when given ``--pipeline``; a cache made with
+    ``--manifest/--out`` alone would otherwise train a different network, patch or spacing than
+    the TOML says, silently. Nothing is checked when there is no ``[plan]`` or no plan.json
+    yet (training then reports the missing cache itself).
+    """
+    if not pipeline.plan or prep_dir is None:
+        return
+    path = Path(prep_dir) / "plan.json"
+    try:
+        planned = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(planned, dict):
+        return
+    differ = sorted(k for k, v in pipeline.plan.items() if _override_differs(k, v, planned))
+    if differ:
+        source = pipeline.path or pipeline.name
+        raise PlanError(
+            f"{source} [plan]: {', '.join(differ)} differ from {path} (preprocessed without "
+            f"these overrides); rerun: medseg preprocess --pipeline {source}"
+        )

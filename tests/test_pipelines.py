@@ -331,3 +331,13 @@ def test_border_weights_without_class_balance_weigh_only_the_gaps() -> None:
     assert w[15, 14, 0] == pytest.approx(1.0 + 10.0 * np.exp(-(3.0**2) / (2 * 5.0**2)), rel=1e-5)
     balanced = border_weights(classes, w0=10.0, sigma=5.0)
     assert balanced[5, 5, 0] != pytest.approx(1.0)  # the default keeps the paper's w_c
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_pipeline_plan_overrides_match_a_cache_preprocessed_with_it(
+    name: str, data_root: Path, tmp_path: Path
+) -> None:
+    from medseg.config import check_plan_overrides
+
+    _plan(name, data_root).save(tmp_path / "plan.json")
+    check_plan_overrides(_pipeline(name), tmp_path)
