@@ -44,3 +44,11 @@ class CohortError(MedsegError):
     def __init__(self, message: str, failures: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.failures = dict(failures or {})
+
+
+class DicomSegError(MedsegError):
+    """A DICOM Segmentation object cannot be written or read (not a SEG, off-grid label, ...)."""
+
+
+class RTStructError(MedsegError):
+    """An RT Structure Set cannot be written or read (multi-frame source, no reference, ...)."""
