@@ -164,6 +164,7 @@ def _pixels(
     label: Volume, values: list[int], fractional: np.ndarray | None, what: str
 ) -> np.ndarray:
     """``(K, rows, cols, S)``: frame ``k`` is slice ``k`` with rows along J, columns along I."""
+    stacked: np.ndarray
     if fractional is None:
         stacked = np.stack([label.array[0] == v for v in values], axis=-1).astype(np.uint8)
     else:
@@ -293,7 +294,9 @@ def is_dicom_seg(ds: Any) -> bool:
 def _frame_geometry(ds: Any, f: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float], int]:
     """(IPP, IOP, (row, column) spacing, segment number) of frame ``f`` (0-based), LPS mm."""
     per = ds.PerFrameFunctionalGroupsSequence[f]
-    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    shared = (
+        ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    )
 
     def item(name: str) -> Any:
         for src in (per, shared):
@@ -372,7 +375,9 @@ def read_dicom_seg(
         "source": str(p),
         "format": "dicom-seg",
         "segments": {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.SegmentSequence},
-        "referenced_series": [str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", [])],
+        "referenced_series": [
+            str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", [])
+        ],
     }
     return Volume(out[None], grid, True, meta)
 

@@ -143,9 +143,12 @@ def check_on_grid(label: Volume, source: SourceSeries, what: str, error: type[Ex
     """Refuse a label map whose grid is not the series' grid (shape, then corner distance)."""
     grid = source.grid
     if label.grid.shape != grid.shape:
+        # different shapes: Grid.max_corner_distance is infinite, so say how far the
+        # corresponding corners of the two boxes lie apart
+        d = float(np.max(np.linalg.norm(label.grid.corners() - grid.corners(), axis=1)))
         raise error(
-            f"{what}: label map is {label.grid.shape} voxels, the series {source.geometry.path} "
-            f"is {grid.shape}; resample the label onto the series' grid first"
+            f"{what}: label map is not on the grid of {source.geometry.path} ({label.grid.shape} "
+            f"vs {grid.shape} voxels, corners up to {d:.3g} mm apart); resample it first"
         )
     d = label.grid.max_corner_distance(grid)
     if d > GRID_ATOL_MM:

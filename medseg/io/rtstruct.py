@@ -93,10 +93,10 @@ def _contour_items(mask: np.ndarray, source: SourceSeries) -> list[Any]:
 
 def _header(source: SourceSeries, algorithm: tuple[str, str]) -> Any:
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS
+    meta.MediaStorageSOPClassUID = UID(RTSTRUCT_SOP_CLASS)
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
@@ -263,14 +263,14 @@ def read_rtstruct(
         if value is not None:
             mask = _rasterise(roi.get("ContourSequence", []), inv, grid.shape, p)
             out[mask] = value
-    names = {i: str(r.ROIName) for r in ds.StructureSetROISequence for i in [number[int(r.ROINumber)]]}
+    names = {
+        i: str(r.ROIName) for r in ds.StructureSetROISequence for i in [number[int(r.ROINumber)]]
+    }
     meta = {"source": str(p), "format": "rtstruct", "rois": names}
     return Volume(out[None], grid, True, meta)
 
 
-def _rasterise(
-    contours: Any, inv: np.ndarray, shape: tuple[int, int, int], p: Path
-) -> np.ndarray:
+def _rasterise(contours: Any, inv: np.ndarray, shape: tuple[int, int, int], p: Path) -> np.ndarray:
     from skimage.draw import polygon
 
     mask = np.zeros(shape, dtype=bool)
