@@ -28,6 +28,7 @@ grid (or, without one, onto the grid the frames span); voxel values are segment 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -246,8 +247,6 @@ def write_dicom_seg(
     atomically; the path is returned. Raises ``DicomSegError`` for a label not on the grid,
     an empty label, or a series whose slices are not stored images.
     """
-    import highdicom as hd
-
     from medseg import __version__
     from medseg.atomic import write_with
 
@@ -256,8 +255,29 @@ def write_dicom_seg(
     check_on_grid(label, source, what, DicomSegError)
     values = label_values(label, dict(labels) if labels is not None else None, what, DicomSegError)
     algorithm = algorithm or ("medseg", __version__)
+    with warnings.catch_warnings():
+        # anonymised names such as "anonymous" are kept as they are
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person")
+        seg = _encode(source, label, values, labels, codes, fractional, algorithm, what)
+    _reference_sources(seg, source)
+    write_with(out, lambda tmp: seg.save_as(str(tmp), enforce_file_format=True))
+    return out
+
+
+def _encode(
+    source: SourceSeries,
+    label: Volume,
+    values: list[int],
+    labels: Mapping[int, str] | None,
+    codes: Codes | None,
+    fractional: np.ndarray | None,
+    algorithm: tuple[str, str],
+    what: str,
+) -> Any:
+    import highdicom as hd
+
     measures, orientation, positions = _planes(source)
-    seg = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         source_images=[_stand_in(source)],
         pixel_array=_pixels(label, values, fractional, what),
         segmentation_type="BINARY" if fractional is None else "FRACTIONAL",
@@ -276,9 +296,6 @@ def write_dicom_seg(
         plane_positions=positions,
         omit_empty_frames=False,
     )
-    _reference_sources(seg, source)
-    write_with(out, lambda tmp: seg.save_as(str(tmp), enforce_file_format=True))
-    return out
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -115,8 +115,12 @@ def load_source(path: Path, *, series: str | int | None = None) -> SourceSeries:
         )
     if not studies:
         minted.append("StudyInstanceUID")
+    series_uid = geo.series_uid
+    if series_uid.startswith("("):  # the reader's placeholder for a missing UID
+        series_uid = _minted_uid("SeriesInstanceUID", str(files[0]))
+        minted.append("SeriesInstanceUID")
     for ds in headers.values():
-        _fill(ds, for_uid, study_uid, geo.series_uid)
+        _fill(ds, for_uid, study_uid, series_uid)
     return SourceSeries(geo, headers, for_uid, study_uid, tuple(minted))
 
 
