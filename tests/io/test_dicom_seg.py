@@ -39,7 +39,7 @@ def _label_from_reference(ref: nib.Nifti1Image, image: Volume) -> tuple[np.ndarr
     shape = ref.shape[:3]
     lab_ref = np.zeros(shape, dtype=np.uint8)
     lo = [s // 4 for s in shape]
-    hi = [max(l + 1, s // 2) for l, s in zip(lo, shape, strict=True)]
+    hi = [max(a + 1, s // 2) for a, s in zip(lo, shape, strict=True)]
     lab_ref[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1
     lab_ref[hi[0] : hi[0] + 3, lo[1] : hi[1], :] = 2
     ijk = np.indices(image.grid.shape).reshape(3, -1).T
