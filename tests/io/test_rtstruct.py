@@ -204,3 +204,17 @@ def test_convert_refuses_bad_input_in_one_line(
         assert code == 2, (needle, err)
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
         assert not (tmp_path / "o.dcm").exists() and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_manifest_case_with_rtstruct_label_reads_on_its_image_grid(
+    series_and_label: tuple[Path, Path, Volume], tmp_path: Path
+) -> None:
+    from medseg.manifest import Case, read_case
+
+    folder, label, image = series_and_label
+    lab = read_volume(label, label=True)
+    rt = write_rtstruct(lab, folder, tmp_path / "rt.dcm")
+    images, got = read_case(Case("c1", [folder], rt))
+    assert got is not None and got.is_label
+    assert got.grid.allclose(images[0].grid, 1e-4)
+    assert np.array_equal(got.array, lab.array)
