@@ -48,3 +48,11 @@ class CohortError(MedsegError):
 
 class LockError(MedsegError):
     """A run or cache folder is being written by another medseg process."""
+
+
+class DicomSegError(MedsegError):
+    """A DICOM Segmentation object cannot be written or read (not a SEG, off-grid label, ...)."""
+
+
+class RTStructError(MedsegError):
+    """An RT Structure Set cannot be written or read (multi-frame source, no reference, ...)."""

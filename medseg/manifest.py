@@ -141,7 +141,9 @@ def read_case(case: Case) -> tuple[list[Volume], Volume | None]:
     from medseg.io import read_volume
 
     images = [read_volume(f) for f in case.images]
-    label = read_volume(case.label, label=True) if case.label is not None else None
+    label = None
+    if case.label is not None:  # a DICOM-SEG or RTSTRUCT label lands on the first image's grid
+        label = read_volume(case.label, label=True, reference=case.images[0])
     return images, label
 
 
@@ -193,7 +195,11 @@ def _check_case(m: Manifest, c: Case, check_grids: bool) -> list[str]:
     others += [(f"extra {k!r}", p) for k, p in c.extras.items()]
     for what, f in others:
         try:
-            v = read_volume(f, label=(what == "label"))
+            v = (
+                read_volume(f, label=True, reference=c.images[0])
+                if what == "label"
+                else read_volume(f)
+            )
         except MedsegError as exc:
             problems.append(f"unreadable {what}: {exc}")
             continue

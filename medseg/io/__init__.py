@@ -61,6 +61,7 @@ def read_volume(
     *,
     series: str | int | None = None,
     label: bool = False,
+    reference: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> Volume:
     """Read a scan or label map into a RAS+ ``Volume``.
@@ -69,11 +70,21 @@ def read_volume(
     ``medseg inspect``). ``label=True`` requires integer values and returns an integer
     ``Volume`` with ``is_label=True``. Further ``options`` go to the format's reader (DICOM:
     ``allow_nonuniform``, ``correct_tilt``).
+
+    A DICOM-SEG file (or a folder holding only one) is read as a label map of segment
+    numbers; an RT Structure Set needs ``reference``, the image series it was drawn on, and
+    is rasterised onto that series' grid. With ``reference`` a DICOM-SEG lands on the
+    reference's grid too; for every other format ``reference`` is ignored (they carry their
+    own grid), so a manifest can pass a case's image for any label.
     """
     p = Path(path)
     if not p.exists():
         raise ReadError(f"{p}: no such file or folder")
     fmt = volume_format(p)
+    derived = _derived_object(p) if fmt == "dicom" else None
+    if derived is not None:
+        vol = _read_derived(derived, reference, series)
+        return as_label(vol, str(p))
     if fmt == "nifti":
         import medseg.io.nifti as nifti
 
@@ -93,6 +104,46 @@ def read_volume(
     if fmt != "dicom" and (series is not None or options):
         raise ReadError(f"{p}: options {['series', *options]} apply to DICOM input only")
     return as_label(vol, str(p)) if label else vol
+
+
+def _derived_object(p: Path) -> tuple[str, Path] | None:
+    """``("seg" | "rtstruct", file)`` when ``p`` is (or is a folder holding only) one such
+    object; None for image files and series (a folder is decided by its first DICOM file)."""
+    from medseg.io.dicom import _quiet_read
+    from medseg.io.dicom_seg import is_dicom_seg
+    from medseg.io.rtstruct import is_rtstruct
+
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+    found: list[tuple[str, Path]] = []
+    for f in files:
+        try:
+            ds = _quiet_read(f, stop_before_pixels=True)
+        except Exception:
+            continue
+        kind = "seg" if is_dicom_seg(ds) else "rtstruct" if is_rtstruct(ds) else None
+        if kind is None:
+            return None
+        found.append((kind, f))
+    return found[0] if len(found) == 1 else None
+
+
+def _read_derived(
+    derived: tuple[str, Path], reference: str | os.PathLike[str] | None, series: Any
+) -> Volume:
+    kind, f = derived
+    if kind == "seg":
+        from medseg.io.dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(f, reference=reference, series=series)
+    from medseg.errors import RTStructError
+    from medseg.io.rtstruct import read_rtstruct
+
+    if reference is None:
+        raise RTStructError(
+            f"{f}: an RT Structure Set holds contours only; give the image series it was "
+            "drawn on (--reference DICOM_DIR, reference= in Python)"
+        )
+    return read_rtstruct(f, reference, series=series)
 
 
 def as_label(vol: Volume, source: str) -> Volume:

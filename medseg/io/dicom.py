@@ -1392,3 +1392,58 @@ def read(
         **file_notes,
     }
     return Volume(np.ascontiguousarray(array), Grid(array.shape[1:], affine), False, meta)
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """One stored 2D image of a series: a file, the 0-based ``frame`` inside it (enhanced
+    multi-frame files; 0 otherwise) and the mosaic ``tile`` (-1 when not a mosaic)."""
+
+    path: Path
+    frame: int
+    tile: int
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Where :func:`read` puts a series' voxels, from the headers alone (no pixel decoding).
+
+    ``grid`` equals ``read(path, series=..., correct_tilt=True).grid``; ``slices[k]`` are the
+    stored images at slice ``k`` of that grid's K axis, in channel order. ``enhanced`` is True
+    when any file holds several frames (enhanced or classic multi-frame), ``mosaic`` when the
+    slices are tiles of Siemens mosaics.
+    """
+
+    path: Path
+    grid: Grid
+    slices: tuple[tuple[SourceFrame, ...], ...]
+    series_uid: str
+    enhanced: bool
+    mosaic: bool
+
+
+def read_geometry(path: Path, *, series: str | int | None = None) -> SeriesGeometry:
+    """The grid of a series as :func:`read` builds it, and the stored image at each slice.
+
+    Writers of objects that reference a series (DICOM-SEG, RTSTRUCT) use this to place each
+    slice of a label map on the image it came from. A series whose slices :func:`read` would
+    resample (uneven gaps) has no stored image per slice and raises ``DicomError``.
+    """
+    p = Path(path)
+    groups = _groups(_scan(p))
+    g = _select(groups, series, p)
+    where = str(p) if len(groups) == 1 else f"{p} (series {groups.index(g)}, {g.uid})"
+    stack = _analyse(g, where, allow_nonuniform=False, correct_tilt=True)
+    fr0 = stack.slots[0][0]
+    grid = Grid((fr0.cols, fr0.rows, len(stack.slots)), LPS_TO_RAS @ stack.affine_lps)
+    slices = tuple(
+        tuple(SourceFrame(fr.path, fr.frame, fr.tile) for fr in slot) for slot in stack.slots
+    )
+    return SeriesGeometry(
+        path=p,
+        grid=grid,
+        slices=slices,
+        series_uid=g.uid,
+        enhanced=any(len(f.frames) > 1 and fr0.tile < 0 for f in g.files.values()),
+        mosaic=fr0.tile >= 0,
+    )

@@ -89,7 +89,7 @@ def _read(case: Any, instances_from_label: bool = False):
         v.meta.setdefault("source", str(p))
     label = None
     if case.label is not None:
-        label = read_volume(case.label, label=True)
+        label = read_volume(case.label, label=True, reference=case.images[0])
         label.meta.setdefault("source", str(case.label))
     return images, label
 
