@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage as ndi
 
-from medseg.preprocess.resample import resample_array
+from medseg.resample import resample_array
 from medseg.volume import Grid
 
 SHAPE = (512, 512, 200)

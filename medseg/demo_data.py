@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from medseg import atomic
-from medseg.volume import Grid, Volume
+from medseg.volume import LPS_TO_RAS, Grid, Volume
 
 LABELS = {0: "background", 1: "liver", 2: "kidney"}
 _ORIENTATIONS = (
@@ -168,8 +168,8 @@ def write_dicom_series(volume: Volume, folder: Path, *, series_description: str 
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
-    lps = np.diag([-1.0, -1.0, 1.0])
     grid = volume.grid
+    lps = LPS_TO_RAS[:3, :3]  # RAS+ -> LPS+ (the flip is its own inverse)
     d = lps @ grid.direction
     sx, sy, _ = grid.spacing
     arr = volume.array[0]

@@ -32,7 +32,8 @@ from medseg.errors import CohortError, MedsegError, ModelError, PlanError, ReadE
 from medseg.io import split_suffix
 from medseg.model import shapes
 from medseg.preprocess.plan import Plan
-from medseg.preprocess.resample import SparseProbabilities, axis_map, class_changes, whole_indices
+from medseg.preprocess.restore import SparseProbabilities, class_changes, whole_indices
+from medseg.resample import axis_map
 from medseg.runtime import (  # noqa: F401  (re-exported for callers of medseg.infer)
     PRECISIONS,
     check_precision,
@@ -629,9 +630,8 @@ def predict_case(
     own label values; probabilities (linear resampling) only when asked for. ``precision``:
     see :func:`check_precision`."""
     from medseg.postprocess import apply_postprocessing, needs_probabilities
-    from medseg.preprocess.pipeline import (
-        LazyImage,
-        prepare_for_inference,
+    from medseg.preprocess.pipeline import LazyImage, prepare_for_inference
+    from medseg.preprocess.restore import (
         restore_classes,
         restore_labels,
         restore_probabilities,

@@ -39,12 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 from medseg.errors import ManifestError, MedsegError
 from medseg.io import VOLUME_SUFFIXES, split_suffix
+from medseg.volume import GRID_ATOL_MM
 
 if TYPE_CHECKING:
     from medseg.volume import Volume
 
-#: Tolerance (mm) for image, label and extras grids of one case to count as the same grid.
-GRID_TOLERANCE_MM = 1e-3
 
 _TOP_KEYS = {"name", "channels", "modalities", "labels", "regions", "cases", "data_root"}
 _TOP_KEYS |= {"description"}
@@ -109,8 +108,8 @@ class Manifest:
         Checks: unique case ids, every file exists, sha256 digests where given. With
         ``check_grids`` (default) every file is also read in full: unreadable files, the
         channel total against ``channels``, a label with one integer channel, and the image,
-        label and extras grids agreeing within ``GRID_TOLERANCE_MM`` (the message gives the
-        difference in mm). ``progress(done, total, case_id)`` is called after each case.
+        label and extras grids agreeing within ``medseg.volume.GRID_ATOL_MM`` (the message
+        gives the difference in mm). ``progress(done, total, case_id)`` is called after each case.
         """
         problems: list[str] = []
         seen: set[str] = set()
@@ -213,10 +212,10 @@ def _check_case(m: Manifest, c: Case, check_grids: bool) -> list[str]:
                 )
                 continue
             d = ref.max_corner_distance(g)
-            if d > GRID_TOLERANCE_MM:
+            if d > GRID_ATOL_MM:
                 problems.append(
                     f"grid of {f.name} differs from {ref_path.name} by {d:.4g} mm "
-                    f"(tolerance {GRID_TOLERANCE_MM:g} mm)"
+                    f"(tolerance {GRID_ATOL_MM:g} mm)"
                 )
     return problems
 

@@ -20,6 +20,24 @@ _POS = ("R", "A", "S")
 _NEG = ("L", "P", "I")
 _CODE_TO_AXIS = {c: (i, 1) for i, c in enumerate(_POS)} | {c: (i, -1) for i, c in enumerate(_NEG)}
 
+#: DICOM's and ITK's LPS+ world <-> RAS+ world: x and y change sign, z stays. Its own inverse,
+#: so ``LPS_TO_RAS @ affine_lps`` is the RAS+ affine and ``LPS_TO_RAS @ affine`` the LPS+ one.
+#: Every reader and writer of an LPS format converts with this matrix, once, at the file.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS.setflags(write=False)
+
+#: Two grids are "the same grid" when their corner voxel centres lie within this distance
+#: (mm): image, label and extras of one case, prediction and reference, channels of a scan.
+#: 0.01 mm is 1 % of a 1 mm voxel and 1/20 of the finest clinical voxels (~0.2 mm), so grids
+#: that pass sample the same anatomy; it is also well above what files round positions to:
+#: DICOM writes positions as decimal strings, often with 3-4 decimals (up to 5e-4 mm per
+#: coordinate, more once spacing rounding adds up over hundreds of slices), and a NIfTI
+#: header holds its affine in float32 (about 6e-8 relative; a quaternion qform near a
+#: 180-degree rotation loses more, ~1e-5 relative, i.e. ~3e-3 mm over a 300 mm field of
+#: view). A 1e-3 mm tolerance rejects the same scan stored two ways; the DICOM reader groups
+#: slice positions with the same 0.01 mm.
+GRID_ATOL_MM = 1e-2
+
 
 def _as_affine(affine: Any) -> np.ndarray:
     a = np.array(affine, dtype=np.float64)
@@ -306,7 +324,7 @@ class Grid:
             return float("inf")
         return float(np.max(np.linalg.norm(self.corners() - other.corners(), axis=1)))
 
-    def allclose(self, other: Grid, atol_mm: float = 1e-3) -> bool:
+    def allclose(self, other: Grid, atol_mm: float = GRID_ATOL_MM) -> bool:
         """Same shape and every corner voxel centre within ``atol_mm``."""
         return self.shape == other.shape and self.max_corner_distance(other) <= atol_mm
 
@@ -337,6 +355,23 @@ def reorient_array(
         if f:
             out = np.flip(out, axis=1 + t)
     return out
+
+
+def drop_singleton_k(array: np.ndarray) -> np.ndarray:
+    """``(..., I, J, 1)`` -> ``(..., I, J)`` (a view): a 2D grid's array as the 2D image it
+    is, for 2D metrics, overlays and image files. Arrays with ``K > 1`` come back unchanged."""
+    return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def add_singleton_k(array: np.ndarray, shape: tuple[int, int, int], what: str) -> np.ndarray:
+    """``(..., I, J)`` -> ``(..., I, J, 1)`` (a view) when ``shape`` ``(I, J, K)`` is a 2D grid
+    (``K == 1``); ``(..., I, J, K)`` arrays matching ``shape`` come back unchanged. The inverse
+    of :func:`drop_singleton_k`; ``GeometryError`` naming ``what`` for any other shape."""
+    if tuple(array.shape[-3:]) == tuple(shape):
+        return array
+    if tuple(array.shape[-2:]) == tuple(shape[:2]) and shape[2] == 1:
+        return array[..., None]
+    raise GeometryError(f"{what} shape {array.shape} does not match the grid {tuple(shape)}")
 
 
 @dataclass

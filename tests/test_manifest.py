@@ -246,3 +246,23 @@ def test_import_folders_pairs_by_stem_and_lists_unmatched(tmp_path: Path) -> Non
     (tmp_path / "labels/n3.png").rename(tmp_path / "labels/n4.png")
     with pytest.raises(ManifestError, match="2 file\\(s\\) without a partner.*n3, n4"):
         import_folders(tmp_path / "images", tmp_path / "labels")
+
+
+@pytest.mark.parametrize(("shift_mm", "ok"), [(0.004, True), (0.04, False)])
+def test_case_grids_agree_within_the_one_grid_tolerance(
+    tmp_path: Path, shift_mm: float, ok: bool
+) -> None:
+    """Image and label grids 4 micrometres apart (what rounded DICOM positions or a float32
+    NIfTI header leave) are one grid; 40 micrometres apart they are not."""
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    moved = affine.copy()
+    moved[0, 3] = shift_mm
+    _nii(tmp_path / "a_img.nii.gz", np.zeros((4, 5, 6), np.float32), affine)
+    _nii(tmp_path / "a_lab.nii.gz", np.zeros((4, 5, 6), np.uint8), moved)
+    cases = [{"case_id": "a", "images": ["a_img.nii.gz"], "label": "a_lab.nii.gz"}]
+    m = load_manifest(_write_manifest(tmp_path, cases, ["MR"]), data_root=tmp_path)
+    if ok:
+        m.validate()
+    else:
+        with pytest.raises(ManifestError, match="tolerance 0.01 mm"):
+            m.validate()

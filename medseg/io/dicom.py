@@ -55,10 +55,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import DicomError
-from medseg.volume import Grid, Volume, axis_codes
-
-#: DICOM LPS world -> RAS+ world.
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from medseg.volume import LPS_TO_RAS, Grid, Volume, axis_codes
 
 #: IOP components closer than this belong to one orientation group.
 IOP_TOLERANCE = 1e-3

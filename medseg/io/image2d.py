@@ -20,10 +20,11 @@ from PIL import Image, UnidentifiedImageError
 
 from medseg.atomic import write_with
 from medseg.errors import ReadError, WriteError
-from medseg.volume import Grid, Volume
+from medseg.volume import LPS_TO_RAS, Grid, Volume, drop_singleton_k
 
-#: RAS+ affine of a 2D file (ITK reads it with identity LPS direction, spacing 1, origin 0).
-AFFINE_2D = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: RAS+ affine of a 2D file: ITK reads it with the identity LPS geometry (direction, spacing 1
+#: mm, origin 0), so medseg's grid is that identity taken to RAS+.
+AFFINE_2D = LPS_TO_RAS @ np.eye(4)
 
 
 def _palette_is_grey(img: Image.Image) -> bool:
@@ -112,7 +113,7 @@ def write(volume: Volume, path: Path) -> None:
             f"write .nii.gz or .nrrd instead"
         )
     c = a.shape[0]
-    hw = np.transpose(a[..., 0], (2, 1, 0))  # (height, width, C)
+    hw = np.transpose(drop_singleton_k(a), (2, 1, 0))  # (height, width, C)
     is_tiff = p.suffix.lower() in (".tif", ".tiff")
     integral = np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_
     if not integral and np.all(np.isfinite(a)) and np.array_equal(a, np.round(a)):

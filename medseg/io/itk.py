@@ -15,10 +15,7 @@ import SimpleITK as sitk
 
 from medseg.atomic import write_with
 from medseg.errors import GeometryError, ReadError, WriteError
-from medseg.volume import Grid, Volume
-
-#: LPS+ <-> RAS+ (its own inverse).
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+from medseg.volume import LPS_TO_RAS, Grid, Volume
 
 
 def itk_affine(image: sitk.Image) -> np.ndarray:
@@ -30,10 +27,10 @@ def itk_affine(image: sitk.Image) -> np.ndarray:
     spacing[:dim] = image.GetSpacing()
     origin = np.zeros(3)
     origin[:dim] = image.GetOrigin()
-    a = np.eye(4)
-    a[:3, :3] = LPS_TO_RAS @ (d * spacing[None, :])
-    a[:3, 3] = LPS_TO_RAS @ origin
-    return a
+    lps = np.eye(4)
+    lps[:3, :3] = d * spacing[None, :]
+    lps[:3, 3] = origin
+    return LPS_TO_RAS @ lps
 
 
 def read(path: Path, **options: Any) -> Volume:
@@ -107,11 +104,11 @@ def to_itk_image(volume: Volume) -> sitk.Image:
     kji = np.ascontiguousarray(np.transpose(a, (3, 2, 1, 0)).astype(dtype, copy=False))
     multi = a.shape[0] > 1
     image = sitk.GetImageFromArray(kji if multi else kji[..., 0], isVector=multi)
-    lps = LPS_TO_RAS @ volume.affine[:3, :3]
-    spacing = np.linalg.norm(lps, axis=0)
+    lps = LPS_TO_RAS @ volume.affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
     image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(x) for x in (lps / spacing[None, :]).ravel()])
-    image.SetOrigin([float(x) for x in LPS_TO_RAS @ volume.affine[:3, 3]])
+    image.SetDirection([float(x) for x in (lps[:3, :3] / spacing[None, :]).ravel()])
+    image.SetOrigin([float(x) for x in lps[:3, 3]])
     return image
 
 

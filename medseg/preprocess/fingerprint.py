@@ -19,14 +19,12 @@ import numpy as np
 
 from medseg import atomic
 from medseg.errors import GeometryError, PlanError
-from medseg.volume import Box, Grid, Volume
+from medseg.volume import GRID_ATOL_MM, Box, Grid, Volume
 
 #: Default number of foreground intensities sampled per case and channel.
 SAMPLES_PER_CASE = 10_000
 #: Spacings (mm) outside this range are reported as suspicious.
 SPACING_RANGE_MM = (0.01, 10.0)
-#: Images, label and each other must agree to this (mm) to count as one grid.
-GRID_ATOL_MM = 1e-2
 
 
 @dataclass(frozen=True)

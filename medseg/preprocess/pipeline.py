@@ -9,7 +9,6 @@ prediction back on the scan's own grid with one resample through world coordinat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ import numpy as np
 
 from medseg.errors import GeometryError, ReadError
 from medseg.preprocess.fingerprint import (
-    GRID_ATOL_MM,
     background_values,
     box_of,
     foreground_mask,
@@ -25,21 +23,15 @@ from medseg.preprocess.fingerprint import (
 )
 from medseg.preprocess.normalise import apply_normalisation, normalise
 from medseg.preprocess.plan import ChannelPlan, Plan
-from medseg.preprocess.resample import (
-    SparseProbabilities,
-    axis_map,
-    is_identity,
-    resample_argmax,
-    resample_array,
-)
-from medseg.volume import Box, Grid, Volume, reorient_array
+from medseg.resample import is_identity, resample_array
+from medseg.volume import GRID_ATOL_MM, Box, Grid, Volume, reorient_array
 
 #: Image interpolation order in-plane, and along an axis this many times coarser than the
 #: finest (through-plane of anisotropic scans, where cubic overshoots between distant slices).
 IMAGE_ORDER = 3
 THROUGH_PLANE_ORDER = 1
 ANISOTROPY_RATIO = 3.0
-#: Labels: nearest neighbour (see ``medseg.preprocess.resample`` for why not one-hot linear).
+#: Labels: nearest neighbour (see ``medseg.resample`` for why not one-hot linear).
 LABEL_ORDER = 0
 
 
@@ -107,11 +99,16 @@ def image_orders(spacing: tuple[float, ...]) -> tuple[int, int, int]:
     )
 
 
-def _reorient(arr: np.ndarray, grid: Grid, codes: tuple[str, str, str] | None):
+def _reorient(
+    arr: np.ndarray, grid: Grid, codes: tuple[str, str, str] | None, *, contiguous: bool = True
+) -> tuple[np.ndarray, Grid]:
+    """``arr`` ``(C, I, J, K)`` and ``grid`` reoriented to ``codes`` (None keeps them); a
+    contiguous copy, or with ``contiguous=False`` a view."""
     if codes is None:
         return arr, grid
     new, perm, flips = grid.reoriented(codes)
-    return np.ascontiguousarray(reorient_array(arr, perm, flips)), new
+    out = reorient_array(arr, perm, flips)
+    return (np.ascontiguousarray(out) if contiguous else out), new
 
 
 #: Stored dtypes whose every value float32 holds exactly: a lazy image may keep them, since
@@ -184,39 +181,73 @@ def preprocess_case(
     *,
     threads: int | None = None,
 ) -> PreparedCase:
-    """Bring one case onto the plan's grid (see module docstring).
+    """Bring one case onto the plan's grid (see module docstring): the float32 image and, with
+    ``label``, its int16 classes, as training and the cache store them.
 
     ``images``: one volume per file, channels concatenated in order must match the plan's.
     Raises ``ReadError`` for NaN voxels, ``GeometryError`` for grids that differ, ``PlanError``
     for undeclared label values; each message names the file.
     """
-    sources = [_source(v, f"image {i}") for i, v in enumerate(images)]
-    arr, grid = _checked_channels(images, plan, sources, keep_dtype=False)
-    classes = None
-    if label is not None:
-        lsrc = _source(label, "label")
-        grid.check_same(label.grid, GRID_ATOL_MM, f"{lsrc} vs {sources[0]}")
-        if label.array.shape[0] != 1:
-            raise GeometryError(f"{lsrc}: label has {label.array.shape[0]} channels, expected 1")
-        classes = plan.labels_to_classes(label.array, source=lsrc)
+    image, lab, record = _prepare(images, plan, label, lazy=False, threads=threads)
+    assert isinstance(image, Volume)
+    return PreparedCase(image, lab, record)
 
-    arr, rgrid = _reorient(arr, grid, plan.orientation)
+
+def _label_classes(
+    label: Volume | None, grid: Grid, plan: Plan, sources: list[str]
+) -> tuple[np.ndarray | None, str]:
+    """The label's class indices ``(1, I, J, K)`` on the image grid (checked), and its name."""
+    if label is None:
+        return None, ""
+    lsrc = _source(label, "label")
+    grid.check_same(label.grid, GRID_ATOL_MM, f"{lsrc} vs {sources[0]}")
+    if label.array.shape[0] != 1:
+        raise GeometryError(f"{lsrc}: label has {label.array.shape[0]} channels, expected 1")
+    return plan.labels_to_classes(label.array, source=lsrc), lsrc
+
+
+def _prepare(
+    images: list[Volume],
+    plan: Plan,
+    label: Volume | None,
+    *,
+    lazy: bool,
+    threads: int | None,
+) -> tuple[LazyImage | Volume, Volume | None, CaseRecord]:
+    """The one prepare path: check, reorient, crop to the non-zero box, normalise, resample.
+
+    ``lazy``: when the plan resamples nothing, the image is a :class:`LazyImage` over the
+    stored scan (normalised tile by tile later); otherwise, and always without ``lazy``, the
+    float32 image on the plan's grid. Returns the image, the label's classes (int16, with
+    ``label``) and the record that restores a prediction.
+    """
+    sources = [_source(v, f"image {i}") for i, v in enumerate(images)]
+    arr, grid = _checked_channels(images, plan, sources, keep_dtype=lazy)
+    classes, lsrc = _label_classes(label, grid, plan, sources)
+    rgrid = grid if plan.orientation is None else grid.reoriented(plan.orientation)[0]
+    lazy = lazy and is_identity(rgrid, target_grid(rgrid, plan))
+    if not lazy:  # resampling and whole-volume normalisation work on float32
+        arr = arr.astype(np.float32, copy=False)
+    # lazy: a view, tiles gather across the strides; otherwise one contiguous copy
+    arr, _ = _reorient(arr, grid, plan.orientation, contiguous=not lazy)
     if classes is not None:
         classes, _ = _reorient(classes, grid, plan.orientation)
     # The mask comes from the whole scan: its corners tell the background value.
     mask = foreground_mask(arr)
     box = box_of(mask) if plan.crop_to_nonzero else Box.from_shape(rgrid.shape)
     cgrid = rgrid.crop(box)
-    arr = arr[(slice(None), *box.slices())]
-    nonzero = mask[box.slices()]
-    normed, records = [], []
-    for c, ch in enumerate(plan.channels):
-        a, rec = normalise(arr[c], ch, nonzero=nonzero)
-        normed.append(a)
-        records.append(rec)
-    arr = np.stack(normed)
     target = target_grid(cgrid, plan)
-    arr = resample_array(arr, cgrid, target, order=image_orders(cgrid.spacing), threads=threads)
+    raw = arr[(slice(None), *box.slices())]
+    nonzero = mask[box.slices()]
+    image: LazyImage | Volume
+    if lazy:
+        image, records = _lazy_image(arr, raw, box, nonzero, plan)
+    else:
+        normed, records = _normalised(raw, nonzero, plan)
+        out = resample_array(
+            normed, cgrid, target, order=image_orders(cgrid.spacing), threads=threads
+        )
+        image = Volume(out.astype(np.float32, copy=False), target, False, {"sources": sources})
     lab_vol = None
     if classes is not None:
         classes = classes[(slice(None), *box.slices())]
@@ -225,8 +256,19 @@ def preprocess_case(
         )
         lab_vol = Volume(classes.astype(np.int16), target, True, {"source": lsrc})
     record = CaseRecord(grid, plan.orientation, box, cgrid, target, records, sources)
-    image = Volume(arr.astype(np.float32, copy=False), target, False, {"sources": sources})
-    return PreparedCase(image, lab_vol, record)
+    return image, lab_vol, record
+
+
+def _normalised(
+    raw: np.ndarray, nonzero: np.ndarray, plan: Plan
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Every channel of the cropped float32 ``raw`` normalised, and what was applied."""
+    normed, records = [], []
+    for c, ch in enumerate(plan.channels):
+        a, rec = normalise(raw[c], ch, nonzero=nonzero)
+        normed.append(a)
+        records.append(rec)
+    return np.stack(normed), records
 
 
 #: Voxels normalised at a time by ``LazyImage.convert`` (bounds its float temporaries).
@@ -303,25 +345,15 @@ def prepare_for_inference(images: list[Volume], plan: Plan) -> InferenceInput:
     Per-case statistics (``zscore``, ``zscore_nonzero``) are computed here, once, by
     :func:`normalise` itself on each channel in turn; ``ct`` and ``none`` need no pass.
     """
-    sources = [_source(v, f"image {i}") for i, v in enumerate(images)]
-    arr, grid = _checked_channels(images, plan, sources, keep_dtype=True)
-    rgrid = grid
-    if plan.orientation is not None:
-        rgrid, perm, flips = grid.reoriented(plan.orientation)
-        arr = reorient_array(arr, perm, flips)  # a view: tiles gather across the strides
+    image, _, record = _prepare(images, plan, None, lazy=True, threads=None)
+    return InferenceInput(image, record)
 
-    if not is_identity(rgrid, target_grid(rgrid, plan)):
-        prepared = preprocess_case(images, plan)
-        return InferenceInput(prepared.image, prepared.record)
-    mask = foreground_mask(arr)
-    box = box_of(mask) if plan.crop_to_nonzero else Box.from_shape(rgrid.shape)
-    cgrid = rgrid.crop(box)
-    target = target_grid(cgrid, plan)
-    if not is_identity(cgrid, target):  # pragma: no cover - spacing is crop-invariant
-        prepared = preprocess_case(images, plan)
-        return InferenceInput(prepared.image, prepared.record)
-    raw = arr[(slice(None), *box.slices())]
-    nonzero = mask[box.slices()]
+
+def _lazy_image(
+    arr: np.ndarray, raw: np.ndarray, box: Box, nonzero: np.ndarray, plan: Plan
+) -> tuple[LazyImage, list[dict[str, Any]]]:
+    """The :class:`LazyImage` over ``raw`` (the cropped view of the reoriented scan ``arr``)
+    and the normalisation records, with the statistics ``preprocess_case`` would compute."""
     records, apply = [], []
     background = None
     for c, ch in enumerate(plan.channels):
@@ -341,9 +373,8 @@ def prepare_for_inference(images: list[Volume], plan: Plan) -> InferenceInput:
             apply.append(rec)
         if ch.normalisation == "zscore_nonzero":
             background = tuple(background_values(arr))
-    del mask, nonzero
-    record = CaseRecord(grid, plan.orientation, box, cgrid, target, records, sources)
-    return InferenceInput(LazyImage(raw, tuple(plan.channels), tuple(apply), background), record)
+    lazy = LazyImage(raw, tuple(plan.channels), tuple(apply), background)
+    return lazy, records
 
 
 def prepare_instances(instances: Volume, record: CaseRecord) -> np.ndarray:
@@ -354,118 +385,3 @@ def prepare_instances(instances: Volume, record: CaseRecord) -> np.ndarray:
     arr, _ = _reorient(instances.array, record.original_grid, record.orientation)
     arr = arr[(slice(None), *record.crop_box.slices())]
     return resample_array(arr, record.cropped_grid, record.grid, order=0, label=True)[0]
-
-
-def _inside_crop(record: CaseRecord) -> np.ndarray:
-    """Boolean ``(I, J, K)`` on the original grid: voxels inside the cropped region."""
-    target = record.original_grid
-    amap = axis_map(record.cropped_grid, target)
-    if amap is None:  # pragma: no cover - crops are axis-aligned by construction
-        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in target.shape], indexing="ij"), -1)
-        c = record.cropped_grid.index(target.world(ijk))
-        n = np.asarray(record.cropped_grid.shape)
-        return np.all((c > -0.5 - 1e-4) & (c < n - 0.5 + 1e-4), axis=-1)
-    masks = []
-    for t in range(3):
-        size = record.cropped_grid.shape[amap.perm[t]]
-        x = amap.coords(t, target.shape[t])
-        masks.append((x > -0.5 - 1e-4) & (x < size - 0.5 + 1e-4))
-    return masks[0][:, None, None] & masks[1][None, :, None] & masks[2][None, None, :]
-
-
-def _as3d(a: np.ndarray, grid: Grid, what: str) -> np.ndarray:
-    if a.shape[-3:] == grid.shape:
-        return a
-    if a.shape[-2:] == grid.shape[:2] and grid.shape[2] == 1:
-        return a[..., None]
-    raise GeometryError(f"{what} shape {a.shape} does not match the preprocessed grid {grid.shape}")
-
-
-def restore_labels(classes: np.ndarray, record: CaseRecord) -> np.ndarray:
-    """Class indices on the preprocessed grid -> ``(I, J, K)`` on the scan's own grid.
-
-    One nearest-neighbour resample through world coordinates; outside the crop is class 0.
-    A 2D ``(I, J)`` input gives ``(I, J, 1)``.
-    """
-    c = _as3d(np.asarray(classes), record.grid, "classes")
-    out = resample_array(c[None], record.grid, record.original_grid, order=0, label=True)[0]
-    return _background_outside_crop(out, record)
-
-
-def _background_outside_crop(out: np.ndarray, record: CaseRecord) -> np.ndarray:
-    """Class 0 wherever the scan's grid ``out`` (``(I, J, K)``) lies outside the crop."""
-    amap = axis_map(record.cropped_grid, record.original_grid)
-    if amap is None:  # pragma: no cover - crops are axis-aligned by construction
-        out[~_inside_crop(record)] = 0
-        return out
-    # the crop is a box on the original grid: zero the slabs outside it, axis by axis, without
-    # whole-volume boolean masks (2 bytes per voxel at the peak of inference)
-    for t in range(3):
-        size = record.cropped_grid.shape[amap.perm[t]]
-        x = amap.coords(t, out.shape[t])
-        outside = ~((x > -0.5 - 1e-4) & (x < size - 0.5 + 1e-4))
-        out[(slice(None),) * t + (outside,)] = 0
-    return out
-
-
-def restore_classes(
-    probs: np.ndarray | SparseProbabilities,
-    record: CaseRecord,
-    dtype: Any = np.int8,
-    classes: Sequence[int] | None = None,
-    labels: np.ndarray | None = None,
-) -> np.ndarray:
-    """``(C, I, J, K)`` probabilities on the preprocessed grid -> class indices ``(I, J, K)``
-    on the scan's own grid: the argmax of :func:`restore_probabilities`, interpolated only
-    where the preprocessed grid's argmax changes (``resample.resample_argmax``; no float
-    volume of the scan is made).
-
-    ``classes``: restore only these (background always); e.g. the classes the preprocessed
-    grid's argmax contains, so that a many-class model pays for the structures a scan shows.
-    ``labels``: that argmax on the preprocessed grid, if already known (required with
-    :class:`~medseg.preprocess.resample.SparseProbabilities`, the boundary voxels' only).
-    """
-    p = (
-        probs
-        if isinstance(probs, SparseProbabilities)
-        else _as3d(probs, record.grid, "probabilities")
-    )
-    lab = None if labels is None else _as3d(np.asarray(labels), record.grid, "classes")
-    out = resample_argmax(
-        p, record.grid, record.original_grid, labels=lab, classes=classes, dtype=dtype
-    )
-    return _background_outside_crop(out, record)
-
-
-def restore_resamples(record: CaseRecord) -> bool:
-    """True when going back to the scan's grid resamples (a spacing differs, or the grids are
-    not aligned axis by axis), not only crops, flips or permutes.
-
-    Such cases take their labels from the linearly restored probabilities
-    (:func:`restore_classes`), as nnU-Net exports its resampled predictions (Isensee et al.
-    2021), rather than by nearest neighbour from the plan grid's argmax:
-    - restoring onto a coarser grid, nearest neighbour keeps one of several plan voxels per
-      scan voxel; at a 2:1 ratio always the same one of two, so with a 2x finer plan DRIVE's
-      vessels moved a quarter pixel towards higher indices on both axes, in every image;
-    - restoring onto a finer grid, it copies blocks: BraTS reference labels taken to 2 mm and
-      back keep a whole-tumour Dice of 0.948-0.975 by nearest neighbour and 0.965-0.991 from
-      the linearly restored fractions (five cases).
-    """
-    amap = axis_map(record.grid, record.original_grid)
-    if amap is None:
-        return True
-    scaled = any(abs(abs(s) - 1.0) > 1e-6 for s in amap.scale)
-    return scaled or any(abs(o - round(o)) > 1e-6 for o in amap.offset)
-
-
-def restore_probabilities(probs: np.ndarray, record: CaseRecord) -> np.ndarray:
-    """``(C, I, J, K)`` probabilities on the preprocessed grid -> the scan's own grid (linear).
-
-    Outside the crop the background (channel 0) has probability 1.
-    """
-    p = _as3d(np.asarray(probs, dtype=np.float32), record.grid, "probabilities")
-    out = resample_array(p, record.grid, record.original_grid, order=1)
-    outside = ~_inside_crop(record)
-    out[:, outside] = 0.0
-    out[0, outside] = 1.0
-    return out

@@ -13,6 +13,7 @@ and written, and :func:`evaluate_cohort` returns the failures for the caller to 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -28,9 +29,8 @@ from medseg.atomic import write_json, write_text
 from medseg.errors import GeometryError, MedsegError, ReadError
 from medseg.io import VOLUME_SUFFIXES, split_suffix
 from medseg.metrics import METRIC_NAMES, label_metrics
+from medseg.volume import GRID_ATOL_MM, Grid, drop_singleton_k
 
-#: Two grids "agree" when their corner voxel centres are this close (mm).
-GRID_ATOL_MM = 1e-2
 DISTANCE_METRICS = ("hd", "hd95", "assd")
 
 
@@ -105,6 +105,24 @@ def pairs_from_manifest(
     return pairs, m
 
 
+@dataclass(frozen=True)
+class OverlaySlice:
+    """What a case's overlay draws, cut from the arrays the evaluation read: the worst class
+    ``name`` (lowest Dice) on slice ``k`` of the last axis (0 for 2D), reference and
+    prediction masks ``(I, J)``, a float32 ``background`` ``(I, J)`` (the reference labels, or
+    the first image once read: ``what``), the pixel ``aspect`` (J spacing / I spacing) and the
+    reference ``grid`` an image must share to be drawn."""
+
+    name: str
+    k: int
+    ref: np.ndarray
+    pred: np.ndarray
+    background: np.ndarray
+    what: str
+    aspect: float
+    grid: Grid
+
+
 @dataclass
 class CaseResult:
     """Metrics of one case per class/region name, or why it failed."""
@@ -118,17 +136,14 @@ class CaseResult:
     worst_slice: dict[str, int] = field(default_factory=dict)
     #: label values forming each class/region name
     class_values: dict[str, list[int]] = field(default_factory=dict)
+    #: the slice the report draws (None for failed cases)
+    overlay: OverlaySlice | None = None
 
 
 def _read_label(path: Path) -> Any:
     from medseg.io import read_volume
 
     return read_volume(path, label=True)
-
-
-def _spatial(array: np.ndarray) -> np.ndarray:
-    """(I, J, K) -> (I, J) for 2D grids (K == 1), so 2D images get 2D metrics."""
-    return array[..., 0] if array.shape[-1] == 1 else array
 
 
 def load_pair(
@@ -149,7 +164,7 @@ def load_pair(
             pred = reordered
     if not pred.grid.allclose(ref.grid, GRID_ATOL_MM):
         if resample_pred:
-            from medseg.preprocess.resample import resample
+            from medseg.resample import resample
 
             pred = resample(pred, ref.grid, order=0)
         else:
@@ -164,10 +179,10 @@ def load_pair(
     if pair.fov is not None:
         f = _read_label(pair.fov)
         ref.grid.check_same(f.grid, GRID_ATOL_MM, f"{pair.case_id}: FOV mask {pair.fov}")
-        fov = _spatial(f.array[0] != 0)
+        fov = drop_singleton_k(f.array[0] != 0)
     spacing = ref.grid.spacing
     sp = spacing[:2] if ref.grid.shape[2] == 1 else spacing
-    return _spatial(pred.array[0]), _spatial(ref.array[0]), fov, sp, ref.grid
+    return drop_singleton_k(pred.array[0]), drop_singleton_k(ref.array[0]), fov, sp, ref.grid
 
 
 def evaluate_pair(
@@ -202,10 +217,66 @@ def evaluate_pair(
                 res.worst_slice[name] = int(np.argmax(err.sum(axis=(0, 1))))
             else:
                 res.worst_slice[name] = 0
+        res.overlay = _overlay_slice(res, pred, ref, sp, grid)
     except MedsegError as exc:
         res.error = str(exc)
         res.metrics = {}
+        res.overlay = None
     return res
+
+
+def _overlay_slice(
+    res: CaseResult, pred: np.ndarray, ref: np.ndarray, sp: tuple[float, ...], grid: Grid
+) -> OverlaySlice | None:
+    """The worst class's worst slice of ``pred`` and ``ref`` (copies: the whole arrays are not
+    kept), over the reference labels."""
+    if not res.metrics:
+        return None
+    name = min(res.metrics, key=lambda n: res.metrics[n]["dice"])
+    classes = res.class_values.get(name, [])
+    k = res.worst_slice.get(name, 0)
+    ref_s, pred_s = (ref[..., k], pred[..., k]) if ref.ndim == 3 else (ref, pred)
+    return OverlaySlice(
+        name,
+        k,
+        np.isin(ref_s, classes),
+        np.isin(pred_s, classes),
+        ref_s.astype(np.float32),
+        "label",
+        sp[1] / sp[0],
+        grid,
+    )
+
+
+def overlay_with_image(overlay: OverlaySlice, image: Path | None) -> OverlaySlice:
+    """``overlay`` drawn over slice ``k`` of ``image``'s first channel when that file shares
+    the reference grid (within ``GRID_ATOL_MM``); else unchanged. Raises ``MedsegError`` or
+    ``OSError`` when the image cannot be read."""
+    from medseg.io import read_volume
+
+    if image is None:
+        return overlay
+    img = read_volume(image)
+    if not img.grid.allclose(overlay.grid, GRID_ATOL_MM):
+        return overlay
+    a = drop_singleton_k(img.array[0])
+    bg = a[..., overlay.k] if a.ndim == 3 else a
+    return dataclasses.replace(overlay, background=np.asarray(bg), what="image")
+
+
+def report_overlays(
+    ranked: list[CaseResult], pairs: dict[str, EvalPair], worst_n: int
+) -> list[tuple[CaseResult, OverlaySlice | str]]:
+    """The first ``worst_n`` evaluated cases of ``ranked`` with their overlay slice (over the
+    pair's image where it has one), or why it is unavailable."""
+    out: list[tuple[CaseResult, OverlaySlice | str]] = []
+    for r in [r for r in ranked if r.error is None and r.overlay is not None][:worst_n]:
+        assert r.overlay is not None
+        try:
+            out.append((r, overlay_with_image(r.overlay, pairs[r.case_id].image)))
+        except (MedsegError, OSError) as exc:
+            out.append((r, str(exc)))
+    return out
 
 
 # -- aggregation -------------------------------------------------------------------------------
@@ -401,10 +472,8 @@ def evaluate_cohort(
     from medseg.report.html import render_report
 
     ranked = sorted(results, key=case_score)
-    pair_by_id = {p.case_id: p for p in pairs}
-    html = render_report(
-        summary, ranked, names, pair_by_id, resample_pred=resample_pred, worst_n=worst_n
-    )
+    overlays = report_overlays(ranked, {p.case_id: p for p in pairs}, worst_n)
+    html = render_report(summary, ranked, names, overlays)
     write_text(out_dir / "report.html", html)
     return CohortResult(results, names, summary, failures)
 

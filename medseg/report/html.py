@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import MedsegError
-
 _UNITS = {
     "hd": "mm",
     "hd95": "mm",
@@ -121,46 +119,22 @@ def _case_table(ranked: list[Any], names: list[str]) -> str:
     return f'<table><tr><th class="l">case</th><th>mean dice</th>{head}</tr>{"".join(rows)}</table>'
 
 
-def _overlays(
-    ranked: list[Any], pair_by_id: dict[str, Any], resample_pred: bool, worst_n: int
-) -> str:
-    from medseg.io import read_volume
-    from medseg.report.evaluate import load_pair
+def _overlays(overlays: list[tuple[Any, Any]]) -> str:
+    """``(case result, OverlaySlice or why it is unavailable)`` pairs -> figures."""
     from medseg.report.plots import overlay_png
 
     figs = []
-    for r in [r for r in ranked if r.error is None and r.metrics][:worst_n]:
-        pair = pair_by_id[r.case_id]
-        name = min(r.metrics, key=lambda n: r.metrics[n]["dice"])
-        try:
-            pred, ref, _, sp, grid = load_pair(pair, resample_pred)
-            bg = ref.astype(np.float32)
-            what = "label"
-            if pair.image is not None:
-                img = read_volume(pair.image)
-                if img.grid.allclose(grid, 1e-2):
-                    a = img.array[0]
-                    bg = a[..., 0] if a.shape[-1] == 1 else a
-                    what = "image"
-        except (MedsegError, OSError) as exc:
-            figs.append(
-                f"<p>{html.escape(r.case_id)}: overlay unavailable ({html.escape(str(exc))})</p>"
-            )
+    for r, ov in overlays:
+        if isinstance(ov, str):
+            figs.append(f"<p>{html.escape(r.case_id)}: overlay unavailable ({html.escape(ov)})</p>")
             continue
-        classes = r.class_values.get(name, [])
-        k = r.worst_slice.get(name, 0)
-        if ref.ndim == 3:
-            ref_s, pred_s, bg_s = ref[..., k], pred[..., k], bg[..., k]
-        else:
-            ref_s, pred_s, bg_s = ref, pred, bg
-        aspect = sp[1] / sp[0]
         png = overlay_png(
-            bg_s,
-            np.isin(ref_s, classes),
-            np.isin(pred_s, classes),
-            f"{r.case_id} · {name} · slice k={k} · over {what} · "
-            f"dice {r.metrics[name]['dice']:.3f}",
-            aspect=aspect,
+            ov.background,
+            ov.ref,
+            ov.pred,
+            f"{r.case_id} · {ov.name} · slice k={ov.k} · over {ov.what} · "
+            f"dice {r.metrics[ov.name]['dice']:.3f}",
+            aspect=ov.aspect,
         )
         figs.append(f"<figure>{_img(png, r.case_id + ' overlay')}</figure>")
     return f'<div class="ov">{"".join(figs)}</div>'
@@ -170,11 +144,11 @@ def render_report(
     summary: dict[str, Any],
     ranked: list[Any],
     names: list[str],
-    pair_by_id: dict[str, Any],
-    resample_pred: bool = False,
-    worst_n: int = 6,
+    overlays: list[tuple[Any, Any]],
 ) -> str:
-    """The report as one HTML string."""
+    """The report as one HTML string. ``overlays``: the worst cases' ``(CaseResult,
+    OverlaySlice)``, or the reason in place of the slice (``evaluate.report_overlays``); the
+    renderer reads no file."""
     title = html.escape(str(summary.get("title", "medseg evaluation")))
     fails = summary["failures"]
     fail_html = ""
@@ -199,7 +173,7 @@ apart. Boundary distances as MONAI, NSD as DeepMind surface-distance.</p>
 {_plots(ranked, names)}
 <h2>Worst cases</h2>
 <p>The slice with the most disagreeing voxels of each case's worst class.</p>
-{_overlays(ranked, pair_by_id, resample_pred, worst_n)}
+{_overlays(overlays)}
 <h2>Per case (worst first)</h2>
 {_case_table(ranked, names)}
 </body></html>

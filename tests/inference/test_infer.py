@@ -513,16 +513,16 @@ def test_many_class_models_restore_by_nearest_neighbour(
 ) -> None:
     """Probabilities of every class on the plan grid are what a whole-body atlas cannot
     afford: above the cap the labels come back by nearest neighbour, below it from them."""
-    from medseg.preprocess import pipeline
+    from medseg.preprocess import restore
 
     calls: list[int] = []
-    real = pipeline.restore_classes
+    real = restore.restore_classes
 
     def counted(*args: Any, **kw: Any) -> np.ndarray:
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(pipeline, "restore_classes", counted)
+    monkeypatch.setattr(restore, "restore_classes", counted)
     shape = (20, 9, 7)
     i = np.arange(shape[0], dtype=np.float32)[:, None, None] * np.ones(shape, np.float32)
     scan = Volume(i[None], Grid(shape, np.diag([1.0, 1.0, 1.0, 1.0])))
@@ -761,7 +761,8 @@ def test_int16_ct_case_gives_the_labels_of_the_float32_whole_volume_preprocessin
     ``preprocess_case`` image through the same network and tiles, argmax, ``restore_labels``."""
     from dataclasses import replace
 
-    from medseg.preprocess.pipeline import preprocess_case, restore_labels
+    from medseg.preprocess.pipeline import preprocess_case
+    from medseg.preprocess.restore import restore_labels
 
     rng = np.random.default_rng(7)
     shape = (37, 29, 23)

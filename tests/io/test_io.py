@@ -360,3 +360,34 @@ def test_split_suffix_gives_case_ids_for_every_volume_format(tmp_path: Path) -> 
     series = tmp_path / "series.1"
     series.mkdir()
     assert split_suffix(series) == ("series.1", "")  # a DICOM folder keeps its whole name
+
+
+def test_dicom_and_itk_readers_place_a_series_where_simpleitk_does(tmp_path: Path) -> None:
+    """One DICOM series read by medseg's DICOM reader, and its SimpleITK copy read back from
+    NRRD by medseg's ITK reader, both have SimpleITK's own geometry taken to RAS+ by negating
+    x and y (the one LPS<->RAS flip, written out here independently)."""
+    import SimpleITK as sitk
+
+    from medseg.demo_data import make_case, write_dicom_series
+    from medseg.io import read_volume
+
+    image, _ = make_case(0, 3)
+    write_dicom_series(image, tmp_path / "dcm")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "dcm")))
+    ref = reader.Execute()
+    lps = np.eye(4)
+    d = np.asarray(ref.GetDirection()).reshape(3, 3)
+    lps[:3, :3] = d * np.asarray(ref.GetSpacing())[None, :]
+    lps[:3, 3] = ref.GetOrigin()
+    want = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    got = read_volume(tmp_path / "dcm")
+    sitk.WriteImage(ref, str(tmp_path / "copy.nrrd"))
+    via_itk = read_volume(tmp_path / "copy.nrrd")
+    for v in (got, via_itk):
+        # the DICOM reader may run K the other way: compare the same voxels' positions
+        same = v.reoriented(image.orientation)
+        expect = Volume(np.zeros((1, *ref.GetSize())), Grid(ref.GetSize(), want))
+        np.testing.assert_allclose(
+            same.grid.corners(), expect.reoriented(image.orientation).grid.corners(), atol=1e-3
+        )

@@ -1,4 +1,4 @@
-"""preprocess_case / restore_*: geometry survives the round trip; the cohort command finishes
+"""preprocess_case: geometry survives the round trip; the cohort command finishes
 good cases, lists bad ones, skips unchanged ones; real data maps back onto its label."""
 
 from __future__ import annotations
@@ -15,16 +15,10 @@ import pytest
 from medseg.errors import CohortError, GeometryError, PlanError, ReadError
 from medseg.preprocess import cache
 from medseg.preprocess.cohort import Options, preprocess_cohort
-from medseg.preprocess.pipeline import (
-    CaseRecord,
-    preprocess_case,
-    restore_classes,
-    restore_labels,
-    restore_probabilities,
-    restore_resamples,
-)
+from medseg.preprocess.pipeline import CaseRecord, preprocess_case
 from medseg.preprocess.plan import ChannelPlan, Plan
-from medseg.volume import Box, Grid, Volume
+from medseg.preprocess.restore import restore_labels
+from medseg.volume import Grid, Volume
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,27 +41,6 @@ def make_plan(**kw) -> Plan:
     return Plan(**base)
 
 
-@pytest.fixture
-def scan(oblique_grid: Grid, rng) -> tuple[list[Volume], Volume]:
-    """Two channels that are zero outside a head-like ellipsoid, and a two-class label."""
-    g = oblique_grid
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in g.shape], indexing="ij"), -1)
-    xyz = g.world(ijk)
-    centre = g.world(np.array(g.shape) / 2.0)
-    r = np.linalg.norm((xyz - centre) / [8.0, 9.0, 12.0], axis=-1)
-    head = r < 1.0
-    t1 = np.where(head, 200 + 30 * rng.normal(size=g.shape), 0).astype(np.float32)
-    t2 = np.where(head, 50 + xyz[..., 2], 0).astype(np.float32)
-    lab = np.zeros(g.shape, np.uint8)
-    lab[r < 0.7] = 1
-    lab[r < 0.4] = 4
-    images = [
-        Volume(t1[None], g, meta={"source": "t1.nii.gz"}),
-        Volume(t2[None], g, meta={"source": "t2.nii.gz"}),
-    ]
-    return images, Volume(lab[None], g, True, {"source": "seg.nii.gz"})
-
-
 def test_output_is_on_the_plan_grid(scan) -> None:
     images, label = scan
     plan = make_plan(target_spacing=(1.0, 1.0, 1.5))
@@ -82,14 +55,6 @@ def test_output_is_on_the_plan_grid(scan) -> None:
     assert rec.to_json() == out.record.to_json()
 
 
-def test_crop_and_reorient_then_restore_is_exact(scan) -> None:
-    images, label = scan
-    out = preprocess_case(images, make_plan(), label)  # no resampling
-    assert out.record.crop_box.shape != out.record.original_grid.shape  # it did crop
-    restored = restore_labels(out.label.array[0], out.record)
-    np.testing.assert_array_equal(restored, make_plan().labels_to_classes(label.array[0]))
-
-
 def test_reorientation_keeps_world_coordinates(scan) -> None:
     images, label = scan
     out = preprocess_case(images, make_plan(), label)
@@ -98,97 +63,6 @@ def test_reorientation_keeps_world_coordinates(scan) -> None:
         src_ijk = np.round(src.grid.index(g.world(ijk))).astype(int)
         assert np.allclose(src.grid.world(src_ijk), g.world(ijk), atol=1e-6)
         assert out.image.array[(1, *ijk)] == pytest.approx(src.array[(0, *src_ijk)])
-
-
-def test_resampled_label_maps_back_with_high_dice(scan) -> None:
-    images, label = scan
-    out = preprocess_case(images, make_plan(target_spacing=(0.5, 0.5, 0.8)), label)
-    restored = restore_labels(out.label.array[0], out.record)
-    orig = make_plan().labels_to_classes(label.array[0])
-    assert restored.shape == label.grid.shape
-    for c in (1, 2):
-        assert dice(restored == c, orig == c) >= 0.99
-
-
-def test_probabilities_restore_onto_the_original_grid(scan) -> None:
-    images, label = scan
-    out = preprocess_case(images, make_plan(target_spacing=(0.5, 0.5, 0.8)), label)
-    onehot = np.stack([(out.label.array[0] == c) for c in range(3)]).astype(np.float32)
-    p = restore_probabilities(onehot, out.record)
-    assert p.shape == (3, *label.grid.shape)
-    np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-5)
-    outside = ~np.any(np.stack([im.array[0] != 0 for im in images]), axis=0)
-    assert outside.any() and np.all(p[0][outside] == 1.0)
-    orig = make_plan().labels_to_classes(label.array[0])
-    for c in (1, 2):
-        assert dice(p.argmax(0) == c, orig == c) >= 0.95
-
-
-@pytest.mark.parametrize("spacing", [(0.5, 0.5, 0.8), (2.0, 1.5, 3.0)])
-def test_restore_classes_is_the_argmax_of_the_restored_probabilities(scan, spacing) -> None:
-    images, label = scan
-    out = preprocess_case(images, make_plan(target_spacing=spacing), label)
-    assert restore_resamples(out.record)
-    rng = np.random.default_rng(3)
-    # background probability 0 on the plan grid: class 0 only outside the crop
-    fg = rng.dirichlet(np.ones(2), size=out.record.grid.shape).astype(np.float32)
-    probs = np.concatenate([np.zeros((1, *fg.shape[:-1]), np.float32), np.moveaxis(fg, -1, 0)])
-    want = restore_probabilities(probs, out.record).argmax(0)
-    got = restore_classes(probs, out.record)
-    assert got.dtype == np.int8 and got.shape == label.grid.shape
-    assert np.array_equal(got, want)
-    head = np.any(np.stack([im.array[0] != 0 for im in images]), axis=0)
-    assert (got == 0).any() and not np.any((got == 0) & head)
-    assert np.isin(got[head], (1, 2)).all() and (got == 1).any() and (got == 2).any()
-
-
-def test_restore_classes_skips_classes_that_never_win(scan) -> None:
-    """A class that holds no probability anywhere may be left out: same labels."""
-    images, label = scan
-    out = preprocess_case(images, make_plan(target_spacing=(2.0, 1.5, 3.0)), label)
-    rng = np.random.default_rng(4)
-    two = np.moveaxis(rng.dirichlet(np.ones(2), size=out.record.grid.shape), -1, 0)
-    probs = np.concatenate([two, np.zeros((1, *two.shape[1:]))]).astype(np.float32)
-    full = restore_classes(probs, out.record)
-    assert np.array_equal(restore_classes(probs, out.record, classes=[1]), full)
-    assert (full == 1).any() and not (full == 2).any()
-
-
-def test_crop_and_flip_alone_do_not_resample(scan) -> None:
-    images, label = scan
-    out = preprocess_case(images, make_plan(orientation=("L", "P", "S")), label)
-    assert out.record.crop_box.shape != label.grid.shape or out.record.orientation is not None
-    assert not restore_resamples(out.record)
-
-
-def test_a_half_voxel_shift_at_the_same_spacing_resamples() -> None:
-    g = Grid((10, 12, 8), np.diag([1.5, 1.5, 3.0, 1.0]))
-    shifted = np.diag([1.5, 1.5, 3.0, 1.0])
-    shifted[:3, 3] = (0.75, 0.0, 0.0)
-    box = Box((0, 0, 0), g.shape)
-    assert not restore_resamples(CaseRecord(g, None, box, g, g, [], []))
-    assert restore_resamples(CaseRecord(g, None, box, g, Grid(g.shape, shifted), [], []))
-
-
-@pytest.mark.parametrize("case", ["brats_2013_pat0001_1", "brats_2013_pat0005_1"])
-def test_restored_fractions_beat_nearest_on_brats_labels_at_2mm(data_root: Path, case) -> None:
-    """Reference whole-tumour masks taken to 2 mm (linear: the tumour fraction of each 2 mm
-    voxel) and back to 1 mm: from the fractions (restore_classes) they keep more of their
-    Dice than the nearest-neighbour copy of the 2 mm argmax (restore_labels)."""
-    from medseg.io import read_volume
-    from medseg.preprocess.resample import resample_array
-
-    ref = read_volume(data_root / "brats2013" / case / "OTMultiClass.nii.gz", label=True)
-    g = ref.grid
-    coarse = g.with_spacing((2.0, 2.0, 2.0))
-    record = CaseRecord(g, None, Box((0, 0, 0), g.shape), g, coarse, [], [])
-    tumour = ref.array[0] > 0
-    frac = resample_array(tumour[None].astype(np.float32), g, coarse, order=1)[0]
-    probs = np.stack([1.0 - frac, frac])
-    from_fractions = restore_classes(probs, record) == 1
-    nearest = restore_labels((frac > 0.5).astype(np.int8), record) == 1
-    assert dice(from_fractions, tumour) >= 0.96
-    assert dice(from_fractions, tumour) > dice(nearest, tumour) + 0.01
 
 
 def test_bad_inputs_name_the_file(scan) -> None:

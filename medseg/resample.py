@@ -25,8 +25,8 @@ local majority vote: at convex corners (3 of 8 trilinear neighbours) a small obj
 voxels. Measured on the real data: the 143-voxel lesion of ``nrrd/breast1`` taken to
 0.78 x 0.78 x 2.98 mm and back keeps Dice 0.90 with nearest, 0.83 with one-hot linear.
 
-**Class probabilities** go back to a scan's grid as labels through :func:`resample_argmax`:
-the argmax of their linear resample, interpolated only near the source argmax's boundaries.
+Class probabilities go back to a scan's grid in :mod:`medseg.preprocess.restore`, on top of
+this module. numpy and scipy only: preprocessing, inference and the report all resample here.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _bspline3(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _interp_rows(x: np.ndarray, n: int, order: int) -> tuple[np.ndarray, np.ndarray]:
+def interp_rows(x: np.ndarray, n: int, order: int) -> tuple[np.ndarray, np.ndarray]:
     """Tap indices and weights ``(m, taps)`` of order-``order`` interpolation at ``x``.
 
     For order 3 ``x`` is in the padded coefficient index space (length ``n``); taps outside
@@ -164,8 +164,8 @@ def axis_operator(x: np.ndarray, n: int, order: int, *, recursive: bool = False)
     if n == 1:
         return AxisOp((sp.csr_matrix(np.ones((x.size, 1)), dtype=np.float32),))
     if order in (0, 1):
-        return AxisOp((_csr(*_interp_rows(x, n, order), n).astype(np.float32),))
-    idx, w = _interp_rows(x + _NPAD, n + 2 * _NPAD, 3)
+        return AxisOp((_csr(*interp_rows(x, n, order), n).astype(np.float32),))
+    idx, w = interp_rows(x + _NPAD, n + 2 * _NPAD, 3)
     interp = _csr(idx, w, n + 2 * _NPAD)
     if recursive:
         return AxisOp((interp.astype(np.float32),), prefilter=True)
@@ -388,19 +388,19 @@ def _map_coordinates(
     return out
 
 
-def _nearest_label(a: np.ndarray, source: Grid, target: Grid, amap: AxisMap | None) -> np.ndarray:
+def nearest_label(a: np.ndarray, source: Grid, target: Grid, amap: AxisMap | None) -> np.ndarray:
     if amap is None:
         return _map_coordinates(a, source, target, 0, order_is_label=True)
     idx: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * 3
     for t in range(3):
         p = amap.perm[t]
         x = amap.coords(t, target.shape[t])
-        idx[p] = _interp_rows(x, source.shape[p], 0)[0][:, 0]
+        idx[p] = interp_rows(x, source.shape[p], 0)[0][:, 0]
     out = a[np.ix_(idx[0], idx[1], idx[2])]
     return np.ascontiguousarray(out.transpose(amap.perm))
 
 
-def _argmax_over(values: Iterable[np.ndarray], classes: Sequence[int], dtype: Any) -> np.ndarray:
+def argmax_over(values: Iterable[np.ndarray], classes: Sequence[int], dtype: Any) -> np.ndarray:
     """Per element, the class of ``classes`` whose array in ``values`` (one per class, same
     order, computed lazily) is largest; ties go to the earlier class. One array is held at a
     time besides the running maximum."""
@@ -412,19 +412,6 @@ def _argmax_over(values: Iterable[np.ndarray], classes: Sequence[int], dtype: An
         out[better] = c
         np.maximum(best, v, out=best)
     return out
-
-
-def class_changes(labels: np.ndarray, size: int | Sequence[int] = 3) -> np.ndarray:
-    """Boolean: voxels whose ``size`` neighbourhood (edges replicated) holds more than one
-    class."""
-    return ndi.maximum_filter(labels, size=size, mode="nearest") != ndi.minimum_filter(
-        labels, size=size, mode="nearest"
-    )
-
-
-def whole_indices(x: np.ndarray) -> bool:
-    """Whether every fractional index in ``x`` is a whole one (to 1e-6 voxel)."""
-    return bool(np.all(np.abs(x - np.round(x)) < 1e-6))
 
 
 def _onehot_label(
@@ -445,152 +432,7 @@ def _onehot_label(
             return _map_coordinates(mask, source, target, 1, order_is_label=False)
         return _resample_channel(mask, source, target, (1, 1, 1), amap, pool, cache)
 
-    return _argmax_over((fraction(v) for v in values), list(values), a.dtype)
-
-
-#: Target voxels whose class is interpolated at a time in :func:`resample_argmax` (bounds its
-#: gather temporaries: up to 8 source indices and weights per voxel).
-_ARGMAX_CHUNK = 1 << 18
-
-
-@dataclass(frozen=True)
-class SparseProbabilities:
-    """Class probabilities of some voxels of a ``shape`` grid: ``keys`` are their flat
-    (C-order) indices, sorted; ``values`` ``(C, n)`` float32, column ``i`` for ``keys[i]``.
-    Enough for :func:`resample_argmax` when they hold every voxel whose 3x3x3 neighbourhood
-    changes class (see there)."""
-
-    keys: np.ndarray
-    values: np.ndarray
-    shape: tuple[int, int, int]
-
-    def positions(self, flat: np.ndarray) -> np.ndarray:
-        """Columns of ``values`` for flat indices ``flat`` (all must be held)."""
-        pos = np.searchsorted(self.keys, flat)
-        held = pos < self.keys.size
-        held[held] = self.keys[pos[held]] == flat[held]
-        if not held.all():
-            raise GeometryError(
-                f"{int((~held).sum())} voxels needed for the restore have no probabilities"
-            )
-        return pos
-
-
-def _tap_rows(x: np.ndarray, n: int, integral: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Linear taps ``(m, 2)`` at fractional indices ``x``; ``(m, 1)`` of weight 1 where every
-    ``x`` is integral, so that no zero-weight tap reaches a neighbouring voxel."""
-    return _interp_rows(x, n, 0 if integral else 1)
-
-
-def _combine_taps(
-    rows: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Flat source indices and weights ``(m, T)`` from per-source-axis taps ``(m, t_r)``."""
-    strides = (shape[1] * shape[2], shape[2], 1)
-    m = rows[0][0].shape[0]
-    idx = np.zeros((m, 1), dtype=np.int64)
-    w = np.ones((m, 1), dtype=np.float64)
-    for (ti, tw), s in zip(rows, strides, strict=True):
-        idx = (idx[:, :, None] + s * ti[:, None, :]).reshape(m, -1)
-        w = (w[:, :, None] * tw[:, None, :]).reshape(m, -1)
-    return idx, w
-
-
-def resample_argmax(
-    probs: np.ndarray | SparseProbabilities,
-    source: Grid,
-    target: Grid,
-    *,
-    labels: np.ndarray | None = None,
-    classes: Sequence[int] | None = None,
-    dtype: type[np.integer] | np.dtype = np.int8,
-) -> np.ndarray:
-    """``(I, J, K)`` on ``target``: the argmax over classes of ``probs`` ``(C, I, J, K)``
-    resampled linearly from ``source`` (ties to the lower class), without resampling whole
-    channels.
-
-    Linear interpolation blends the 2x2x2 source voxels around a target voxel with
-    non-negative weights. Where those share one argmax ``k`` the blend's argmax is ``k`` too
-    (``p_k >= p_j`` at every corner holds for any convex combination), and the nearest source
-    voxel, one of the corners, has it. So the nearest-neighbour copy of the source argmax is
-    exact there. Probabilities are read only at the corners of blocks whose argmax is not
-    uniform; every such corner has another class within its 3x3x3 neighbourhood (1 voxel wide
-    along axes the target samples at whole source indices, where a block is one voxel thick),
-    so ``probs`` may be :class:`SparseProbabilities` holding just those voxels.
-
-    ``labels``: the source argmax (required with sparse ``probs``); ``classes``: consider
-    only these (class 0 always), e.g. the classes ``labels`` contains.
-    """
-    if isinstance(probs, SparseProbabilities):
-        shape, n_classes = probs.shape, probs.values.shape[0]
-    else:
-        if probs.ndim != 4:
-            raise GeometryError(f"probabilities of shape {probs.shape}: expected (C, I, J, K)")
-        shape, n_classes = tuple(probs.shape[1:]), probs.shape[0]
-    if shape != source.shape:
-        raise GeometryError(
-            f"probabilities shape {shape} do not match the source grid {source.shape}"
-        )
-    wanted = list(range(n_classes)) if classes is None else sorted({0, *map(int, classes)})
-    if labels is None:
-        if isinstance(probs, SparseProbabilities):
-            raise GeometryError("sparse probabilities need the source argmax (labels)")
-        dense = probs
-        labels = _argmax_over((np.asarray(dense[c], np.float32) for c in wanted), wanted, dtype)
-    amap = axis_map(source, target)
-    out = np.asarray(_nearest_label(labels, source, target, amap), dtype=dtype)
-    # per source axis: does the target sample it at whole indices only (a one-voxel block)?
-    integral = [False, False, False]
-    rows: list[tuple[np.ndarray, np.ndarray] | None] = [None, None, None]
-    if amap is not None:
-        for t in range(3):
-            p, x = amap.perm[t], amap.coords(t, target.shape[t])
-            integral[p] = whole_indices(x)
-            rows[t] = _tap_rows(x, source.shape[p], integral[p])
-    size = tuple(1 if i else 3 for i in integral)
-    mixed = class_changes(labels, size)
-    if not mixed.any():
-        return out
-    todo = _nearest_label(mixed.view(np.uint8), source, target, amap)
-    del mixed
-    flat_labels = np.asarray(labels).reshape(-1)
-    # per wanted class, the values that flat source indices (dense) or positions (sparse) read
-    if isinstance(probs, SparseProbabilities):
-        lookup: SparseProbabilities | None = probs
-        sources = [probs.values[c] for c in wanted]
-    else:
-        lookup = None
-        sources = [np.asarray(probs[c], np.float32).reshape(-1) for c in wanted]
-    m = np.linalg.inv(source.affine) @ target.affine
-    step = max(1, _ARGMAX_CHUNK // max(1, target.shape[1] * target.shape[2]))
-    for i0 in range(0, target.shape[0], step):
-        nz = np.nonzero(todo[i0 : i0 + step])
-        pts = (nz[0] + i0, nz[1], nz[2])
-        for lo in range(0, pts[0].size, _ARGMAX_CHUNK):
-            p3 = tuple(q[lo : lo + _ARGMAX_CHUNK] for q in pts)
-            per_axis: list[tuple[np.ndarray, np.ndarray]] = [None] * 3  # type: ignore[list-item]
-            if amap is not None:
-                for t in range(3):
-                    ti, tw = rows[t]  # type: ignore[misc]
-                    per_axis[amap.perm[t]] = (ti[p3[t]], tw[p3[t]])
-            else:  # the coordinates _map_coordinates computes, linear taps as map_coordinates
-                ijk = [q.astype(np.float64) for q in p3]
-                for r in range(3):
-                    x = m[r, 0] * ijk[0] + m[r, 1] * ijk[1] + m[r, 2] * ijk[2] + m[r, 3]
-                    per_axis[r] = _interp_rows(x, source.shape[r], 1)
-            idx, w = _combine_taps(per_axis, source.shape)
-            corner = flat_labels[idx]
-            # blocks of one class keep the nearest copy; the others are interpolated
-            rows_mixed = np.flatnonzero((corner != corner[:, :1]).any(axis=1))
-            if rows_mixed.size == 0:
-                continue
-            idx, w = idx[rows_mixed], w[rows_mixed]
-            if lookup is not None:
-                idx = lookup.positions(idx.reshape(-1)).reshape(idx.shape)
-            values = (np.einsum("nt,nt->n", src[idx], w) for src in sources)
-            arg = _argmax_over(values, wanted, dtype)
-            out[tuple(q[rows_mixed] for q in p3)] = arg
-    return out
+    return argmax_over((fraction(v) for v in values), list(values), a.dtype)
 
 
 def is_identity(source: Grid, target: Grid, amap: AxisMap | None = None) -> bool:
@@ -638,7 +480,7 @@ def resample_array(
             if nearest:
 
                 def fn(c: np.ndarray) -> np.ndarray:
-                    return _nearest_label(c, source, target, amap)
+                    return nearest_label(c, source, target, amap)
             else:
 
                 def fn(c: np.ndarray) -> np.ndarray:

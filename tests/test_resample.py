@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from medseg.errors import GeometryError
-from medseg.preprocess.resample import axis_map, resample, resample_argmax, resample_array
+from medseg.resample import axis_map, resample, resample_array
 from medseg.volume import Grid, Volume
 
 
@@ -159,83 +158,3 @@ def test_2d_grid_resamples_in_plane_only(rng) -> None:
     out = resample_array(arr, grid, target, order=3)[0]
     ref = reference(arr[0], grid, target, 3)
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.ptp(ref))
-
-
-# -- argmax of linearly resampled probabilities --------------------------------------------
-
-
-def _probabilities(rng: np.random.Generator, classes: int, shape, sigma: float = 1.5) -> np.ndarray:
-    """Smooth softmax maps: blobs of each class several voxels wide."""
-    z = np.stack([ndi.gaussian_filter(rng.normal(size=shape), sigma) for _ in range(classes)])
-    e = np.exp(8.0 * (z - z.max(axis=0)))
-    return (e / e.sum(axis=0)).astype(np.float32)
-
-
-def _argmax_reference(probs: np.ndarray, source: Grid, target: Grid) -> tuple[np.ndarray, ...]:
-    """scipy's linear interpolation of every class, its argmax and the top-two margin."""
-    full = np.stack([reference(c, source, target, 1) for c in probs])
-    top = np.sort(full, axis=0)
-    return full.argmax(axis=0), top[-1] - top[-2]
-
-
-def _argmax_targets(grid: Grid) -> dict[str, Grid]:
-    t = np.deg2rad(25.0)
-    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
-    reoriented = grid.reoriented("SRA")[0].with_spacing((1.7, 0.6, 0.9))
-    return {
-        "finer": grid.with_spacing((0.5, 0.45, 1.1)),
-        "coarser": grid.with_spacing((1.9, 1.6, 4.0)),
-        "reoriented": reoriented,
-        "oblique": Grid.from_spacing((12, 14, 9), (1.2, 1.0, 1.5), grid.origin, rot),
-    }
-
-
-@pytest.mark.parametrize("kind", ["finer", "coarser", "reoriented", "oblique"])
-@pytest.mark.parametrize("classes", [2, 4])
-def test_resample_argmax_equals_argmax_of_linear_interpolation(
-    oblique_grid: Grid, rng, kind: str, classes: int
-) -> None:
-    probs = _probabilities(rng, classes, oblique_grid.shape)
-    target = _argmax_targets(oblique_grid)[kind]
-    assert (axis_map(oblique_grid, target) is None) == (kind == "oblique")
-    got = resample_argmax(probs, oblique_grid, target)
-    ref, margin = _argmax_reference(probs, oblique_grid, target)
-    assert got.shape == target.shape and len(np.unique(ref)) == classes
-    clear = margin > 1e-5  # float32 vs float64 rounding may swap exact ties
-    assert clear.mean() > 0.99
-    np.testing.assert_array_equal(got[clear], ref[clear])
-
-
-@pytest.mark.parametrize("kind", ["finer", "reoriented", "oblique"])
-def test_resample_argmax_reads_probabilities_only_where_the_argmax_changes(
-    oblique_grid: Grid, rng, kind: str
-) -> None:
-    """Away from the source argmax's boundaries the nearest copy is exact: probabilities
-    there are never read (NaN would otherwise spread into the result)."""
-    probs = _probabilities(rng, 2, oblique_grid.shape, sigma=4.0)
-    labels = probs.argmax(axis=0).astype(np.int8)
-    target = _argmax_targets(oblique_grid)[kind]
-    ref, margin = _argmax_reference(probs, oblique_grid, target)
-    interior = ndi.maximum_filter(labels, 5, mode="nearest") == ndi.minimum_filter(
-        labels, 5, mode="nearest"
-    )
-    assert 0.2 < interior.mean() < 0.9
-    poisoned = probs.copy()
-    poisoned[:, interior] = np.nan
-    got = resample_argmax(poisoned, oblique_grid, target, labels=labels)
-    clear = margin > 1e-5
-    np.testing.assert_array_equal(got[clear], ref[clear])
-
-
-def test_resample_argmax_restricted_classes_ignore_the_others(oblique_grid: Grid, rng) -> None:
-    probs = _probabilities(rng, 4, oblique_grid.shape)
-    target = _argmax_targets(oblique_grid)["finer"]
-    got = resample_argmax(probs, oblique_grid, target, classes=[2])
-    ref, margin = _argmax_reference(probs[[0, 2]], oblique_grid, target)
-    clear = margin > 1e-5
-    np.testing.assert_array_equal(got[clear], np.where(ref == 1, 2, 0)[clear])
-
-
-def test_resample_argmax_refuses_a_mismatched_array(oblique_grid: Grid) -> None:
-    with pytest.raises(GeometryError, match="do not match"):
-        resample_argmax(np.zeros((2, 3, 4, 5), np.float32), oblique_grid, oblique_grid)
