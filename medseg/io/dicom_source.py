@@ -21,11 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from medseg.io.dicom import LPS_TO_RAS, SeriesGeometry, read_geometry
-from medseg.volume import Grid, Volume
-
-#: Label and reference grids closer than this (mm, at every corner) are the same grid.
-GRID_ATOL_MM = 1e-2
+from medseg.io.dicom import SeriesGeometry, read_geometry
+from medseg.volume import GRID_ATOL_MM, LPS_TO_RAS, Grid, Volume
 
 #: Type 2 attributes of the Patient and General Study modules copied into derived objects.
 _TYPE2 = (
