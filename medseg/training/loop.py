@@ -15,16 +15,17 @@ dict, ``torch.load(weights_only=True)``), ``checkpoint_last.pt`` and ``checkpoin
 ``train_log.csv``, ``training.json``, ``postprocessing.json``. Everything is written by rank 0
 through ``medseg.atomic``.
 
-Phases pass values, not long parameter lists: :class:`_Run` (fixed for the invocation),
-:class:`_Learner` (network, optimiser, loss), :class:`_Loop` (what the epochs run on) and the
-mutable :class:`_State` (what a checkpoint saves).
+Phases pass values, not long parameter lists: :class:`~medseg.training.setup.Run` (fixed for
+the invocation), :class:`~medseg.training.setup.Learner` (network, optimiser, loss),
+:class:`_Loop` (what the epochs run on) and the mutable :class:`_State` (what a checkpoint
+saves).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,8 @@ from torch.utils.data import DataLoader
 
 from medseg import atomic
 from medseg.config import Pipeline
-from medseg.errors import ModelError, PlanError
-from medseg.preprocess.plan import Plan
-from medseg.runtime import bf16_autocast, resolve_device
-from medseg.training.augment import AugmentConfig
+from medseg.errors import ModelError
+from medseg.runtime import bf16_autocast
 from medseg.training.checkpoint import (
     CHECKPOINT_BEST,
     CHECKPOINT_LAST,
@@ -47,29 +46,18 @@ from medseg.training.checkpoint import (
     load_checkpoint,
     rng_state,
     save_torch,
-    seed_everything,
-    set_deterministic,
     set_rng_state,
     write_log,
 )
-from medseg.training.config import TrainConfig
 from medseg.training.data import PatchBatches, StepRange
 from medseg.training.distributed import (
     DistInfo,
     barrier,
     broadcast_flag,
     broadcast_float,
-    init_distributed,
     sync_buffers,
 )
-from medseg.training.losses import SegmentationLoss
-from medseg.training.sampling import SamplingConfig
-from medseg.training.splits import (
-    fold_cases,
-    list_cached_cases,
-    load_or_create_splits,
-    manifest_split,
-)
+from medseg.training.setup import Learner, Run, build_learner, setup_run
 from medseg.training.validation import Validation, postprocessing_decision, validate
 
 Batch = dict[str, torch.Tensor]
@@ -86,34 +74,6 @@ class TrainResult:
     best_dice: float | None
     stopped_by_budget: bool
     log: list[dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class _Run:
-    """What this invocation trains, fixed before the first step."""
-
-    cfg: TrainConfig
-    pipeline: Pipeline
-    prep: Path
-    out: Path
-    dev: torch.device
-    info: DistInfo
-    plan: Plan
-    train_ids: list[str]
-    val_ids: list[str]
-    sampling: SamplingConfig
-    augment: AugmentConfig
-    say: Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class _Learner:
-    """The network (unwrapped), its optimiser, the loss and the activations' memory format."""
-
-    model: nn.Module
-    opt: torch.optim.Optimizer
-    loss_fn: SegmentationLoss
-    fmt: torch.memory_format
 
 
 @dataclass(frozen=True)
@@ -175,11 +135,11 @@ def train(
     raises. The allocator (:mod:`medseg.heap`) is left alone: the CLI opts in.
     """
     with deterministic_flags_restored():
-        run = _setup(
+        run = setup_run(
             pipeline, out_dir, fold=fold, epochs=epochs, device=device,
             deterministic=deterministic, prep_dir=prep_dir, overrides=overrides, log=log,
         )  # fmt: skip
-        learner = _learner(run)
+        learner = build_learner(run)
         state = _resume(run, learner) if resume else _start(run)
         barrier(run.info)
         loop = _prepare_loop(run, learner, state, stop_after_epochs)
@@ -191,156 +151,8 @@ def train(
     )
 
 
-# -- setup -----------------------------------------------------------------------------------------
-def _setup(
-    pipeline: Pipeline,
-    out_dir: str | os.PathLike[str],
-    *,
-    fold: int | str | None,
-    epochs: int | None,
-    device: str,
-    deterministic: bool | None,
-    prep_dir: str | os.PathLike[str] | None,
-    overrides: Mapping[str, Any] | None,
-    log: Callable[[str], None] | None,
-) -> _Run:
-    """Config, device, process group, deterministic flags, plan and the fold's cases."""
-    cfg = TrainConfig.from_dict(
-        {**pipeline.train, **(overrides or {})},
-        epochs=epochs,
-        fold=fold,
-        deterministic=deterministic if deterministic else None,
-    )
-    prep = Path(prep_dir) if prep_dir is not None else pipeline.prep_dir
-    if prep is None:
-        raise PlanError(f"{pipeline.path}: no prep_dir in the pipeline; pass --prep DIR")
-    dev, info = _device(device)
-    set_deterministic(cfg.deterministic)
-    plan = Plan.load(prep / "plan.json")
-    train_ids, val_ids = _fold_ids(cfg, pipeline, prep, info)
-    return _Run(
-        cfg=cfg,
-        pipeline=pipeline,
-        prep=prep,
-        out=Path(out_dir),
-        dev=dev,
-        info=info,
-        plan=plan,
-        train_ids=train_ids,
-        val_ids=val_ids,
-        sampling=SamplingConfig(plan.patch_output_size, plan.margin, cfg.foreground_fraction),
-        augment=AugmentConfig.from_dict(cfg.augment),
-        say=log if (log is not None and info.is_main) else (lambda _m: None),
-    )
-
-
-def _device(device: str) -> tuple[torch.device, DistInfo]:
-    """The training device (cpu or cuda; under ``torchrun`` on CUDA, this rank's GPU)."""
-    dev = resolve_device(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise ModelError(
-            f"--device {device}: training runs on cpu or cuda; use one of them or auto"
-        )
-    info = init_distributed(dev)
-    if info.enabled and dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(dev)
-    return dev, info
-
-
-def _fold_ids(
-    cfg: TrainConfig, pipeline: Pipeline, prep: Path, info: DistInfo
-) -> tuple[list[str], list[str]]:
-    """Training and validation case ids of ``cfg.fold`` (splits.json written by rank 0)."""
-    all_ids = list_cached_cases(prep)
-    if str(cfg.fold) == "manifest":
-        return manifest_split(pipeline, all_ids)
-    splits = (
-        load_or_create_splits(prep, all_ids, cfg.n_folds, cfg.seed, write=info.is_main)
-        if str(cfg.fold) != "all"
-        else []
-    )
-    return fold_cases(splits, cfg.fold, all_ids)
-
-
-def _learner(run: _Run) -> _Learner:
-    """The loss, then the network initialised from the seeded global torch generator."""
-    from medseg.model import UNet
-
-    cfg, plan = run.cfg, run.plan
-    loss_fn = SegmentationLoss(
-        cfg.loss,
-        include_background=cfg.include_background,
-        batch_dice=cfg.batch_dice,
-        class_weights=_class_weights(cfg, run.prep, run.train_ids, plan.num_classes),
-        regions=_dice_regions(cfg, plan, run.prep),
-    ).to(run.dev)
-    seed_everything(cfg.seed)
-    model = UNet(**plan.network)
-    if tuple(plan.margin) != (model.margin,) * plan.spatial_dims:
-        raise PlanError(
-            f"{run.prep / 'plan.json'}: margin {plan.margin} does not match the network's "
-            f"{model.margin}; regenerate the plan with medseg preprocess"
-        )
-    fmt = _memory_format(run.dev, plan.spatial_dims)
-    model.to(run.dev, memory_format=fmt)  # type: ignore[call-overload]
-    opt: torch.optim.Optimizer
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=True,
-            weight_decay=cfg.weight_decay,
-        )  # fmt: skip
-    else:
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-        )
-    return _Learner(model, opt, loss_fn, fmt)
-
-
-def _memory_format(device: torch.device, spatial_dims: int) -> torch.memory_format:
-    """Channels-last on the CPU, where oneDNN convolves NHWC/NDHWC without reordering around
-    every batch norm, ReLU and pooling; CUDA keeps the contiguous layout cuDNN expects."""
-    from medseg.model.unet import channels_last_format
-
-    if device.type != "cpu":
-        return torch.contiguous_format
-    return channels_last_format(spatial_dims)
-
-
-def _dice_regions(cfg: TrainConfig, plan: Plan, prep_dir: Path) -> list[list[int]] | None:
-    """The plan's regions (class indices) when ``[train] region_dice`` asks for them."""
-    if not cfg.region_dice:
-        return None
-    if not plan.regions:
-        raise PlanError(
-            f"{prep_dir / 'plan.json'}: [train] region_dice needs regions; declare them in the "
-            'manifest ("regions": {"whole": [1, 2, 3], ...}) and rerun medseg preprocess'
-        )
-    return [list(v) for v in plan.regions.values()]
-
-
-def _class_weights(cfg: TrainConfig, prep_dir: Path, ids: Sequence[str], n: int) -> Any:
-    """``[train] class_weights``: a list, or ``"balanced"`` (median frequency balancing,
-    Eigen & Fergus 2015) from the training labels."""
-    if cfg.class_weights is None or isinstance(cfg.class_weights, list):
-        return cfg.class_weights
-    if cfg.class_weights != "balanced":
-        raise PlanError("[train] class_weights must be a list of numbers or 'balanced'")
-    from medseg.preprocess.cache import load_case
-
-    counts = np.zeros(n, dtype=np.float64)
-    for cid in ids:
-        lab = np.asarray(load_case(prep_dir, cid, mmap=True).label).ravel()
-        counts += np.bincount(lab[lab >= 0], minlength=n)[:n]
-    freq = counts / max(counts.sum(), 1.0)
-    present = freq > 0
-    w = np.zeros(n)
-    w[present] = np.median(freq[present]) / freq[present]
-    return w.tolist()
-
-
 # -- resume or start ---------------------------------------------------------------------------
-def _resume(run: _Run, learner: _Learner) -> _State:
+def _resume(run: Run, learner: Learner) -> _State:
     """Weights, optimiser, progress and RNG state of ``checkpoint_last.pt``."""
     ckpt_path = run.out / CHECKPOINT_LAST
     ckpt = load_checkpoint(ckpt_path)
@@ -363,7 +175,7 @@ def _resume(run: _Run, learner: _Learner) -> _State:
     return state
 
 
-def _start(run: _Run) -> _State:
+def _start(run: Run) -> _State:
     """A new run folder (rank 0): plan.json and the pipeline's text; refuses an existing run."""
     if run.info.is_main:
         if (run.out / CHECKPOINT_LAST).exists():
@@ -379,7 +191,7 @@ def _start(run: _Run) -> _State:
 
 # -- epochs ----------------------------------------------------------------------------------------
 def _prepare_loop(
-    run: _Run, learner: _Learner, state: _State, stop_after_epochs: int | None
+    run: Run, learner: Learner, state: _State, stop_after_epochs: int | None
 ) -> _Loop:
     """DDP wrapper, the batch loader from the current step, precision, budget, TensorBoard."""
     cfg, dev, info = run.cfg, run.dev, run.info
@@ -419,7 +231,7 @@ def _prepare_loop(
     )
 
 
-def _run_epochs(run: _Run, learner: _Learner, state: _State, loop: _Loop, show: bool) -> None:
+def _run_epochs(run: Run, learner: Learner, state: _State, loop: _Loop, show: bool) -> None:
     """Epochs until ``loop.end_epoch`` or the time budget, under a progress bar."""
     bar = _progress(show)
     ipe = run.cfg.iterations_per_epoch
@@ -436,8 +248,8 @@ def _run_epochs(run: _Run, learner: _Learner, state: _State, loop: _Loop, show: 
 
 
 def _epoch(
-    run: _Run,
-    learner: _Learner,
+    run: Run,
+    learner: Learner,
     state: _State,
     loop: _Loop,
     batches: Iterator[Batch],
@@ -483,7 +295,7 @@ def _epoch(
 
 
 def _step(
-    run: _Run, learner: _Learner, state: _State, loop: _Loop, batch: Batch
+    run: Run, learner: Learner, state: _State, loop: _Loop, batch: Batch
 ) -> tuple[float, float]:
     """One optimiser step on ``batch`` at the poly learning rate; returns (lr, loss)."""
     cfg, dev = run.cfg, run.dev
@@ -525,7 +337,7 @@ def _poly(lr0: float, progress: float, exponent: float) -> float:
 
 
 def _validate_epoch(
-    run: _Run, learner: _Learner, state: _State, row: dict[str, Any], *, last: bool
+    run: Run, learner: Learner, state: _State, row: dict[str, Any], *, last: bool
 ) -> None:
     """Validate on rank 0 when due (every ``val_every`` epochs and the last), add the scores to
     ``row``, keep the best weights, and say how the epoch went."""
@@ -557,7 +369,7 @@ def _validate_epoch(
     )
 
 
-def _save_checkpoint(run: _Run, learner: _Learner, state: _State) -> None:
+def _save_checkpoint(run: Run, learner: Learner, state: _State) -> None:
     """``checkpoint_last.pt``, ``train_log.csv`` and, without best-epoch selection,
     ``model.pt`` (rank 0)."""
     if not run.info.is_main:
@@ -588,7 +400,7 @@ def _save_checkpoint(run: _Run, learner: _Learner, state: _State) -> None:
 
 
 # -- finish ----------------------------------------------------------------------------------------
-def _finish(run: _Run, learner: _Learner, state: _State, loop: _Loop) -> None:
+def _finish(run: Run, learner: Learner, state: _State, loop: _Loop) -> None:
     """model.pt, the postprocessing decision (when training finished) and training.json."""
     cfg, out = run.cfg, run.out
     if run.info.is_main:
@@ -604,7 +416,7 @@ def _finish(run: _Run, learner: _Learner, state: _State, loop: _Loop) -> None:
     barrier(run.info)
 
 
-def _write_postprocessing(run: _Run, state: _State) -> None:
+def _write_postprocessing(run: Run, state: _State) -> None:
     """``postprocessing.json``, decided on what ``medseg infer`` will see: the same TTA and,
     for probability steps (two-class cuts, region decoding), the probabilities."""
     from medseg.model import UNet
@@ -626,7 +438,7 @@ def _write_postprocessing(run: _Run, state: _State) -> None:
     )
 
 
-def _training_record(run: _Run, state: _State, autocast: bool) -> dict[str, Any]:
+def _training_record(run: Run, state: _State, autocast: bool) -> dict[str, Any]:
     """What ``training.json`` records about the run."""
     return {
         "fold": str(run.cfg.fold),
