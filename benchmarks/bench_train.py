@@ -3,7 +3,7 @@
 For ISBI 2012 (2D) and BraTS 2013 (3D, resampled to 2 mm) from ``../shared/data``:
 preprocess once into a temporary folder, then time
 
-- medseg: ``medseg.train.train`` (foreground oversampling, elastic/rotation/scale/mirror +
+- medseg: ``medseg.training.train`` (foreground oversampling, elastic/rotation/scale/mirror +
   intensity augmentation, Dice+CE, SGD) with DataLoader workers;
 - MONAI: ``BasicUNet`` of the same widths, ``RandCropByPosNegLabeld`` + flips/rot90,
   ``DiceCELoss``, the same optimiser, batch size and worker count, on the same cached arrays.
@@ -75,18 +75,20 @@ def _preprocess(toml: Path) -> None:
 
 def bench_medseg(pipe, steps: int, workers: int, out: Path) -> dict[str, float]:
     """Patches/s and data-wait fraction of medseg's loop, epochs after the first."""
-    from medseg.train import train
+    from medseg import heap
+    from medseg.training import train
 
     per_epoch = max(2, steps // 3)
-    res = train(
-        pipe,
-        out,
-        fold="all",
-        epochs=4,
-        device="cpu",
-        progress=False,
-        overrides={"iterations_per_epoch": per_epoch, "workers": workers},
-    )
+    with heap.kept_freed_memory():  # as `medseg train` runs it on the CPU
+        res = train(
+            pipe,
+            out,
+            fold="all",
+            epochs=4,
+            device="cpu",
+            progress=False,
+            overrides={"iterations_per_epoch": per_epoch, "workers": workers},
+        )
     rows = res.log[1:]
     seconds = sum(r["seconds"] for r in rows)
     wait = sum(r["data_wait_fraction"] * r["seconds"] for r in rows)

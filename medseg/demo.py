@@ -55,7 +55,7 @@ class DemoResult:
 
 
 def _train_fn() -> Any:
-    from medseg.train import train
+    from medseg.training import train
 
     return train
 

@@ -112,9 +112,9 @@ def test_complete_pipeline_in_docs_is_accepted_and_lists_every_key(tmp_path: Pat
     import dataclasses
     import re
 
-    from medseg.augment import AugmentConfig
     from medseg.preprocess.cohort import Options
-    from medseg.train import TrainConfig
+    from medseg.training import TrainConfig
+    from medseg.training.augment import AugmentConfig
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "train.md").read_text()
     toml = re.search(r"```toml\n(.*?)```", doc, re.S)

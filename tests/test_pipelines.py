@@ -141,11 +141,11 @@ def test_brats_cases_share_one_background_value_after_preprocessing(data_root: P
 
 @pytest.mark.parametrize("name", PIPELINES)
 def test_pipeline_train_preprocess_and_infer_sections_accepted(name: str) -> None:
-    from medseg.augment import AugmentConfig
     from medseg.infer import _flip_sets
-    from medseg.losses import SegmentationLoss
     from medseg.preprocess.cohort import Options
-    from medseg.train import TrainConfig
+    from medseg.training.augment import AugmentConfig
+    from medseg.training.config import TrainConfig
+    from medseg.training.losses import SegmentationLoss
 
     pipe = _pipeline(name)
     cfg = TrainConfig.from_dict(pipe.train)

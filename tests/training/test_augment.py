@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.augment import (
+from medseg.errors import PlanError
+from medseg.training.augment import (
     AugmentConfig,
     SpatialParams,
     augment_intensity,
@@ -14,8 +15,7 @@ from medseg.augment import (
     elastic_field,
     extract_patch,
 )
-from medseg.errors import PlanError
-from medseg.sampling import SamplingConfig, crop_label, read_region
+from medseg.training.sampling import SamplingConfig, crop_label, read_region
 from medseg.volume import Box
 
 

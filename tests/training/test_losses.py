@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from medseg.losses import SegmentationLoss, cross_entropy, soft_dice_loss
+from medseg.training.losses import SegmentationLoss, cross_entropy, soft_dice_loss
 
 
 @pytest.fixture

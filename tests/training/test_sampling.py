@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.sampling import (
+from medseg.training.sampling import (
     SamplingConfig,
     batch_rng,
     crop_label,

@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import PlanError
-from medseg.sampling import SamplingConfig, crop_label, read_region
+from medseg.training.sampling import SamplingConfig, crop_label, read_region
 from medseg.volume import Box
 
 
