@@ -15,8 +15,13 @@ DATA = Path(os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2] / 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """The real public data in ``../shared/data``; tests that need it skip without it."""
+    """The real public data in ``../shared/data``.
+
+    Where ``MEDSEG_DATA`` names it (CI does), missing data fails the tests that need it; a
+    checkout without ``../shared`` and without the variable skips them."""
     if not DATA.is_dir():
+        if os.environ.get("MEDSEG_DATA"):
+            pytest.fail(f"MEDSEG_DATA={DATA} does not exist; the real-data tests need it")
         pytest.skip(f"real data not found at {DATA}")
     return DATA
 
