@@ -25,7 +25,7 @@ from medseg.cli import main
 from medseg.cohort import Where
 from medseg.manifest import load_manifest
 from medseg.preprocess.cohort import preprocess_cohort
-from tests.test_cohort import dask_cluster  # noqa: F401 - the shared fixture
+from tests.test_cohort import dask_cluster as dask_cluster  # the shared fixture
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -125,8 +125,8 @@ def test_dask_scheduler_and_workers_from_the_install_match_sequential_after_a_ki
     """The issue's check: `dask scheduler` + two `dask worker --nthreads 1`, BraTS 2013."""
     if not (VENV_BIN / "dask").exists():
         pytest.skip(f"no dask command in {VENV_BIN}")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "MEDSEG_DATA": str(data_root)}  # fmt: skip
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "MEDSEG_DATA": str(data_root)}
     port = _port()
     address = f"tcp://127.0.0.1:{port}"
     dask = str(VENV_BIN / "dask")
@@ -134,8 +134,8 @@ def test_dask_scheduler_and_workers_from_the_install_match_sequential_after_a_ki
                      "--dashboard-address", ":0"], env, tmp_path / "scheduler.log")]  # fmt: skip
     try:
         for i in range(2):
-            procs.append(_start([dask, "worker", address, "--nthreads", "1",
-                                 "--dashboard-address", ":0"], env, tmp_path / f"w{i}.log"))  # fmt: skip
+            worker = [dask, "worker", address, "--nthreads", "1", "--dashboard-address", ":0"]
+            procs.append(_start(worker, env, tmp_path / f"w{i}.log"))
         cli = [sys.executable, "-m", "medseg.cli", "preprocess", "--manifest",
                str(REPO / "data_manifests" / "brats2013.json")]  # fmt: skip
         seq = subprocess.run([*cli, "--out", str(tmp_path / "seq")], env=env, check=False)
