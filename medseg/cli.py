@@ -501,9 +501,15 @@ def _convert_to_dicom(
         "run resumes; --overwrite redoes everything. A case that fails (unreadable file, label "
         "values outside the manifest's labels, image and label grids that differ, NaN voxels) "
         "is listed at the end and the exit code is 1; the other cases are written.",
+        "Cases run in this process, in --workers N local worker processes (one compute "
+        "thread each unless --threads), or as tasks on a running Dask cluster (--scheduler "
+        "tcp://HOST:8786; see docs/cohort.md), with identical bytes in the cache. A worker that "
+        "dies loses only its running case, which is retried once. Every case event is also "
+        "written to OUT/preprocess.log (or --log).",
         "\\[preprocess] options: workers, memory_budget_gb, fingerprint_samples, border_weights "
         '= {w0 = 10, sigma = 5, instances = "components" | "label"} (U-Net weight maps).',
-        "Example:\n\n  medseg preprocess --pipeline pipelines/brats2013.toml --workers 2",
+        "Examples:\n\n  medseg preprocess --pipeline pipelines/brats2013.toml --workers 2\n"
+        "  medseg preprocess --pipeline pipelines/brats2013.toml --scheduler tcp://10.0.0.5:8786",
     ),
 )
 def preprocess(
@@ -517,17 +523,26 @@ def preprocess(
         None, "--pipeline", help="Pipeline TOML with [plan] overrides and [preprocess] options."
     ),
     workers: int | None = typer.Option(
-        None, "--workers", min=1, help="Worker processes (default: \\[preprocess] workers, or 1)."
+        None,
+        "--workers",
+        min=1,
+        help="Local worker processes (default: \\[preprocess] workers, else this process).",
+    ),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", help="Run cases on this Dask scheduler (tcp://HOST:PORT)."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="Compute threads per worker (default 1 with workers)."
+    ),
+    log: Path | None = typer.Option(
+        None, "--log", help="Progress log file (default: OUT/preprocess.log)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every case."),
     data_root: Path | None = typer.Option(
         None, "--data-root", help="Folder the manifest's relative paths start from."
     ),
 ) -> None:
-    import dataclasses
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
+    from medseg.cohort import CaseLog, Where
     from medseg.config import Pipeline, load_pipeline
     from medseg.errors import PlanError
     from medseg.manifest import load_manifest
@@ -542,24 +557,15 @@ def preprocess(
         )
     where = f"{pipe.path} [preprocess]" if pipe.path else "[preprocess]"
     opts = Options.from_dict(pipe.preprocess, source=where)
-    if workers is not None:
-        opts = dataclasses.replace(opts, workers=workers)
     m = load_manifest(manifest, data_root)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+    place = Where(
+        workers=workers if workers is not None else opts.workers,
+        scheduler=scheduler,
+        threads=threads,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    with CaseLog(console, log or out / "preprocess.log") as bar:
+        bar.line(f"preprocess {len(m.cases)} case(s) of {manifest} in {place.describe()}")
         result = preprocess_cohort(
             m,
             out,
@@ -567,8 +573,9 @@ def preprocess(
             options=opts,
             overwrite=overwrite,
             source=f"{pipe.path} [plan]" if pipe.path else "[plan]",
-            report=lambda line: bar.console.print(line, highlight=False),
-            progress=progress,
+            report=bar.line,
+            where=place,
+            on_event=bar,
         )
     s = summary(out)
     print(

@@ -1,9 +1,12 @@
 """``medseg preprocess`` over a whole manifest: fingerprint, plan, then every case into the cache.
 
-Cases run in worker processes (``workers``); each finished case is written atomically, so an
-interrupted run resumes where it stopped, and a rerun skips cases whose inputs, plan and options
-are unchanged. A case that fails (unreadable file, undeclared label values, image/label grids
-that differ, NaN voxels) is reported at the end; the others finish and ``CohortError`` is raised.
+Cases run as tasks through :func:`medseg.cohort.run_tasks`: in this process, in local worker
+processes (``workers``) or on a Dask cluster, with identical results. Each finished case is
+written atomically, so an interrupted run resumes where it stopped, and a rerun skips cases whose
+inputs, plan and options are unchanged. The fingerprint aggregates cases in manifest order,
+never in the order they finished. A case that fails (unreadable file, undeclared label values,
+image/label grids that differ, NaN voxels) is reported at the end; the others finish and
+``CohortError`` is raised.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medseg.cohort import CaseEvent, Where, run_tasks
 from medseg.errors import CohortError, PlanError
 from medseg.preprocess.fingerprint import (
     SAMPLES_PER_CASE,
@@ -34,9 +38,10 @@ _BORDER_KEYS = {"w0", "sigma", "instances", "class_balance"}
 
 @dataclass(frozen=True)
 class Options:
-    """The pipeline TOML's ``[preprocess]`` section."""
+    """The pipeline TOML's ``[preprocess]`` section (``workers``: local worker processes,
+    None runs the cases in this process)."""
 
-    workers: int = 1
+    workers: int | None = None
     memory_budget_gb: float = MEMORY_BUDGET_GB
     border_weights: dict[str, Any] | None = None
     fingerprint_samples: int = SAMPLES_PER_CASE
@@ -60,7 +65,7 @@ class Options:
             if bw["instances"] not in ("components", "label"):
                 raise PlanError(f"{source}: border_weights.instances must be components or label")
         return cls(
-            workers=int(d.get("workers", 1)),
+            workers=int(d["workers"]) if "workers" in d else None,
             memory_budget_gb=float(d.get("memory_budget_gb", MEMORY_BUDGET_GB)),
             border_weights=bw,
             fingerprint_samples=int(d.get("fingerprint_samples", SAMPLES_PER_CASE)),
@@ -73,12 +78,6 @@ class CohortResult:
     done: dict[str, float] = field(default_factory=dict)  # case -> seconds
     skipped: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
-
-
-def _describe(exc: BaseException) -> str:
-    from medseg.errors import MedsegError
-
-    return str(exc) if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {exc}"
 
 
 def _read(case: Any, instances_from_label: bool = False):
@@ -153,29 +152,6 @@ def _preprocess_job(
     return time.perf_counter() - t0
 
 
-def _run(
-    jobs: list[tuple[str, Callable[..., Any], tuple[Any, ...]]],
-    workers: int,
-    on_done: Callable[[str, Any, BaseException | None], None],
-) -> None:
-    """Run ``(key, fn, args)`` jobs in ``workers`` processes (in-process when 1)."""
-    if workers <= 1:
-        for key, fn, args in jobs:
-            try:
-                res = fn(*args)
-            except Exception as exc:  # noqa: BLE001 - a cohort finishes the other cases
-                on_done(key, None, exc)
-            else:
-                on_done(key, res, None)
-        return
-    with ProcessPoolExecutor(workers) as pool:
-        futures: dict[Future[Any], str] = {pool.submit(fn, *args): key for key, fn, args in jobs}
-
-        for fut in as_completed(futures):
-            error = fut.exception()
-            on_done(futures[fut], None if error else fut.result(), error)
-
-
 def preprocess_cohort(
     manifest: Any,
     prep_dir: str | Path,
@@ -185,41 +161,90 @@ def preprocess_cohort(
     overwrite: bool = False,
     source: str = "pipeline [plan]",
     report: Callable[[str], None] = print,
-    progress: Callable[[str, int, int], None] | None = None,
+    where: Where | None = None,
+    on_event: Callable[[CaseEvent], None] | None = None,
 ) -> CohortResult:
     """Fingerprint ``manifest``, write ``plan.json`` and every case under ``prep_dir``.
 
-    ``report`` gets one line per finished case (with its seconds); ``progress(stage, done,
-    total)`` drives a progress bar. Raises ``CohortError`` listing failed cases at the end.
+    ``where`` says where cases run (default: ``options.workers`` local processes, or this
+    process); ``on_event`` gets every case's :class:`~medseg.cohort.CaseEvent` (a progress
+    bar), ``report`` other lines (warnings, skipped count). Raises ``CohortError`` listing the
+    failed cases at the end, after the others are written.
     """
     opts = options or Options()
+    where = where or Where(workers=opts.workers)
     prep = Path(prep_dir)
     (prep / "cases").mkdir(parents=True, exist_ok=True)
+    cases = list(manifest.cases)
+    fp, failures = _fingerprint(manifest, cases, opts, where, on_event)
+    fp.save(prep / "fingerprint.json")
+    for w in fp.warnings:
+        report(f"warning: {w}")
+    plan = make_plan(fp, plan_overrides, memory_budget_gb=opts.memory_budget_gb, source=source)
+    plan.save(prep / "plan.json")
+    result = CohortResult(plan=plan, failures=failures)
+
+    from medseg.preprocess import cache
+
+    settings = {"plan": plan.to_json(), "border_weights": opts.border_weights}
+    todo = [c for c in cases if c.case_id not in failures]
+    digests = {c.case_id: cache.input_hash(_case_files(c), settings) for c in todo}
+    # one thread per worker when cases run side by side, unless the caller sets it
+    threads = where.threads if where.threads is not None else (1 if where.parallel else None)
+    job = partial(_case_job, plan_json=plan.to_json(), prep_dir=str(prep),
+                  border=opts.border_weights, digests=digests, threads=threads)  # fmt: skip
+    out = run_tasks(
+        job,
+        todo,
+        key=_case_id,
+        where=where,
+        finished=None if overwrite else partial(_is_current, prep, digests),
+        stage="preprocess",
+        on_event=on_event,
+    )
+    result.skipped = out.skipped
+    result.done = {k: float(v) for k, v in out.results.items()}
+    failures.update(out.failures)
+    if result.skipped:
+        report(f"{len(result.skipped)} case(s) up to date, skipped")
+    if failures:
+        raise CohortError(
+            f"{len(failures)} of {len(cases)} case(s) failed; the others are in {prep}", failures
+        )
+    return result
+
+
+def _case_id(case: Any) -> str:
+    return str(case.case_id)
+
+
+def _is_current(prep: Path, digests: dict[str, str], case: Any) -> bool:
+    from medseg.preprocess import cache
+
+    return cache.is_current(prep, case.case_id, digests[case.case_id])
+
+
+def _case_job(case: Any, *, digests: dict[str, str], **kw: Any) -> float:
+    return _preprocess_job(case, digest=digests[case.case_id], **kw)
+
+
+def _fingerprint(
+    manifest: Any,
+    cases: list[Any],
+    opts: Options,
+    where: Where,
+    on_event: Callable[[CaseEvent], None] | None,
+) -> tuple[Fingerprint, dict[str, str]]:
+    """The data set fingerprint from every readable case, aggregated in manifest order."""
     declared = sorted(manifest.labels) if manifest.labels else None
     binary = bool(opts.border_weights and opts.border_weights["instances"] == "label")
     if binary:
         declared = None
-    cases = list(manifest.cases)
-    failures: dict[str, str] = {}
-    case_fps: dict[str, CaseFingerprint] = {}
-    samples: dict[str, list[np.ndarray]] = {}
-
-    fp_jobs = [
-        (c.case_id, _fingerprint_job, (c, declared, opts.fingerprint_samples, binary))
-        for c in cases
-    ]
-
-    def fp_done(key: str, res: Any, exc: BaseException | None) -> None:
-        if exc is not None:
-            failures[key] = _describe(exc)
-        else:
-            case_fps[key] = CaseFingerprint.from_json(res[0])
-            samples[key] = res[1]
-        if progress:
-            progress("fingerprint", len(case_fps) + len(failures), len(cases))
-
-    _run(fp_jobs, opts.workers, fp_done)
-    ordered = [case_fps[c.case_id] for c in cases if c.case_id in case_fps]
+    job = partial(_fingerprint_job, declared=declared, samples=opts.fingerprint_samples,
+                  binary=binary)  # fmt: skip
+    out = run_tasks(job, cases, key=_case_id, where=where, stage="fingerprint", on_event=on_event)
+    ordered = [CaseFingerprint.from_json(out.results[c.case_id][0]) for c in cases
+               if c.case_id in out.results]  # fmt: skip
     fp = Fingerprint(
         name=manifest.name,
         channels=list(manifest.channels),
@@ -232,56 +257,11 @@ def preprocess_cohort(
         ),
         regions=manifest.regions,
         cases=ordered,
-        channel_stats=channel_stats(list(manifest.channels), [samples[c.case_id] for c in ordered]),
+        channel_stats=channel_stats(
+            list(manifest.channels), [out.results[f.case_id][1] for f in ordered]
+        ),
     )
-    fp.save(prep / "fingerprint.json")
-    for w in fp.warnings:
-        report(f"warning: {w}")
-    plan = make_plan(fp, plan_overrides, memory_budget_gb=opts.memory_budget_gb, source=source)
-    plan.save(prep / "plan.json")
-    result = CohortResult(plan=plan, failures=failures)
-
-    from medseg.preprocess import cache
-
-    settings = {"plan": plan.to_json(), "border_weights": opts.border_weights}
-    threads = 1 if opts.workers > 1 else None
-    jobs = []
-    for c in cases:
-        if c.case_id in failures:
-            continue
-        digest = cache.input_hash(_case_files(c), settings)
-        if not overwrite and cache.is_current(prep, c.case_id, digest):
-            result.skipped.append(c.case_id)
-            continue
-        jobs.append(
-            (
-                c.case_id,
-                _preprocess_job,
-                # one thread per worker process when several run side by side
-                (c, plan.to_json(), str(prep), opts.border_weights, digest, threads),
-            )
-        )
-    total = len(jobs)
-    if result.skipped:
-        report(f"{len(result.skipped)} case(s) up to date, skipped")
-
-    def done(key: str, res: Any, exc: BaseException | None) -> None:
-        if exc is not None:
-            failures[key] = _describe(exc)
-            report(f"{key}: FAILED")
-        else:
-            result.done[key] = float(res)
-            report(f"{key}: {res:.2f} s")
-        if progress:
-            progress("preprocess", len(result.done) + len(failures) - len(fp_failed), total)
-
-    fp_failed = set(failures)
-    _run(jobs, opts.workers, done)
-    if failures:
-        raise CohortError(
-            f"{len(failures)} of {len(cases)} case(s) failed; the others are in {prep}", failures
-        )
-    return result
+    return fp, dict(out.failures)
 
 
 def summary(prep_dir: str | Path) -> dict[str, Any]:

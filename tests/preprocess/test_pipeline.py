@@ -127,14 +127,17 @@ def test_cohort_finishes_good_cases_lists_bad_ones_and_resumes(tmp_path, rng) ->
     m = FakeManifest([good[0], bad_read, good[1], bad_label, good[2]])
     prep = tmp_path / "prep"
     lines: list[str] = []
+    events: list = []
     with pytest.raises(CohortError) as err:
         preprocess_cohort(
-            m, prep, report=lines.append, plan_overrides={"target_spacing": [1, 1, 1]}
-        )
+            m, prep, report=lines.append, plan_overrides={"target_spacing": [1, 1, 1]},
+            on_event=events.append,
+        )  # fmt: skip
     assert set(err.value.failures) == {"broken", "badlab"}
     assert "label values [7]" in err.value.failures["badlab"]
     assert cache.list_cases(prep) == ["c0", "c1", "c2"]
-    assert any(line.startswith("c1: ") and line.endswith(" s") for line in lines)
+    done = {(e.stage, e.key) for e in events if e.status == "done"}
+    assert ("preprocess", "c1") in done and ("fingerprint", "broken") not in done
 
     # rerun of the good cases: nothing to do; a touched input is redone
     m2 = FakeManifest(good)

@@ -1,0 +1,158 @@
+"""medseg preprocess on worker processes and Dask: the same cache bytes as the sequential run,
+finished cases skipped, failed cases listed (exit 1), a killed worker's case redone.
+
+Byte identity is checked by SHA-256 of every file under the cache; the progress log is the one
+file allowed to differ (it holds times), so no cache file may hold a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.cli import main
+from medseg.cohort import Where
+from medseg.manifest import load_manifest
+from medseg.preprocess.cohort import preprocess_cohort
+from tests.test_cohort import dask_cluster as dask_cluster  # the shared fixture
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+LOG = "preprocess.log"
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` but the progress log, by relative path."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != LOG
+    }
+
+
+def test_sequential_local_workers_and_dask_write_identical_caches(
+    data_root: Path, tmp_path: Path, dask_cluster: str
+) -> None:
+    m = load_manifest(REPO / "data_manifests" / "nrrd.json", data_root)
+    places = {
+        "seq": Where(),
+        "local": Where(workers=2),
+        "dask": Where(scheduler=dask_cluster),
+    }
+    digests = {}
+    for name, where in places.items():
+        res = preprocess_cohort(m, tmp_path / name, where=where, report=lambda _s: None)
+        assert sorted(res.done) == sorted(c.case_id for c in m.cases)
+        digests[name] = tree_digest(tmp_path / name)
+    assert len(digests["seq"]) == 2 + 4 * len(m.cases)  # fingerprint, plan, four files a case
+    assert digests["local"] == digests["seq"]
+    assert digests["dask"] == digests["seq"]
+    # a rerun finds every case finished and touches nothing
+    res = preprocess_cohort(m, tmp_path / "local", where=Where(workers=2), report=lambda _s: None)
+    assert sorted(res.skipped) == sorted(c.case_id for c in m.cases) and not res.done
+    assert tree_digest(tmp_path / "local") == digests["seq"]
+
+
+def _write_nifti_case(folder: Path, cid: str, seed: int) -> dict:
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    img = np.zeros((20, 22, 10), np.float32)
+    img[4:16, 3:19, 2:8] = rng.normal(100, 10, size=(12, 16, 6))
+    lab = np.zeros(img.shape, np.uint8)
+    lab[6:12, 6:14, 3:6] = 1
+    aff = np.diag([-1.0, -1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(img, aff), folder / f"{cid}_img.nii.gz")
+    nib.save(nib.Nifti1Image(lab, aff), folder / f"{cid}_seg.nii.gz")
+    return {"case_id": cid, "images": [f"{cid}_img.nii.gz"], "label": f"{cid}_seg.nii.gz"}
+
+
+def test_cli_finishes_good_cases_lists_the_failed_one_and_skips_on_rerun(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    cases = [_write_nifti_case(data, f"c{i}", i) for i in range(3)]
+    (data / "broken_img.nii.gz").write_bytes(b"not a nifti file")
+    cases.insert(1, {"case_id": "broken", "images": ["broken_img.nii.gz"], "label": None})
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"name": "syn", "channels": ["T1"], "modalities": ["MR"],
+                                    "labels": {"0": "bg", "1": "fg"}, "cases": cases}))  # fmt: skip
+    out = tmp_path / "prep"
+    args = ["preprocess", "--manifest", str(manifest), "--data-root", str(data), "--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--workers", "2"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "failed: broken:" in err and "broken_img.nii.gz" in err
+    assert sorted(p.name for p in (out / "cases").iterdir()) == ["c0", "c1", "c2"]
+    log = (out / LOG).read_text()
+    assert "broken: FAILED" in log and "preprocess 3/3" in log
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--workers", "2"])
+    assert exc.value.code == 1
+    assert "3 case(s) up to date, skipped" in capsys.readouterr().err
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    # a session of its own, so that killing it takes its child processes too
+    with open(log, "wb") as fh:
+        return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_dask_scheduler_and_workers_from_the_install_match_sequential_after_a_kill(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """The issue's check: `dask scheduler` + two `dask worker --nthreads 1`, BraTS 2013."""
+    if not (VENV_BIN / "dask").exists():
+        pytest.skip(f"no dask command in {VENV_BIN}")
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "MEDSEG_DATA": str(data_root)}
+    port = _port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(VENV_BIN / "dask")
+    procs = [_start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                     "--dashboard-address", ":0"], env, tmp_path / "scheduler.log")]  # fmt: skip
+    try:
+        for i in range(2):
+            worker = [dask, "worker", address, "--nthreads", "1", "--dashboard-address", ":0"]
+            procs.append(_start(worker, env, tmp_path / f"w{i}.log"))
+        cli = [sys.executable, "-m", "medseg.cli", "preprocess", "--manifest",
+               str(REPO / "data_manifests" / "brats2013.json")]  # fmt: skip
+        seq = subprocess.run([*cli, "--out", str(tmp_path / "seq")], env=env, check=False)
+        assert seq.returncode == 0
+        out = tmp_path / "dask"
+        run = subprocess.Popen([*cli, "--out", str(out), "--scheduler", address], env=env)
+        # kill one worker (nanny and worker process) once the first case is in the cache
+        while not list(out.glob("cases/*/case.json")) and run.poll() is None:
+            time.sleep(0.2)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        run.wait()
+        rerun = subprocess.run([*cli, "--out", str(out), "--scheduler", address], env=env)
+        assert rerun.returncode == 0
+        assert tree_digest(out) == tree_digest(tmp_path / "seq")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait()
+    shutil.rmtree(tmp_path / "seq")
