@@ -40,25 +40,9 @@ def _strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def load_model(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
-    """Read ``plan.json``, ``model.pt`` (tensors only) and optional ``postprocessing.json``.
-
-    ``model.pt`` is loaded with ``torch.load(weights_only=True)``: a checkpoint that needs
-    arbitrary pickled code is refused. Raises ``PlanError`` / ``ModelError`` naming the file.
-    """
-    from medseg.model import UNet
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise ModelError(f"{root}: model folder not found; point --model to a training run")
-    plan = Plan.load(root / "plan.json")
-    dev = resolve_device(device)
-    try:
-        model: nn.Module = UNet(**plan.network)
-    except (TypeError, ValueError) as exc:
-        raise PlanError(
-            f"{root / 'plan.json'}: network settings do not build a UNet ({exc})"
-        ) from exc
+def _check_network(root: Path, plan: Plan, model: nn.Module) -> None:
+    """``PlanError`` unless the network plan.json builds fits the plan's channels, classes
+    and margin."""
     net = plan.network
     checks = {
         "spatial_dims": (net.get("spatial_dims"), plan.spatial_dims),
@@ -75,7 +59,11 @@ def load_model(folder: str | os.PathLike[str], device: str | torch.device = "cpu
             f"{root / 'plan.json'}: margin {tuple(plan.margin)} does not match the network's "
             f"{model.margin} voxels per side; regenerate the plan"  # type: ignore[attr-defined]
         )
-    weights = root / "model.pt"
+
+
+def _read_weights(weights: Path, dev: torch.device, model: nn.Module) -> dict[str, Any]:
+    """The state dict in ``weights`` (tensors only), checked against ``model``'s names and
+    shapes; ``ModelError`` naming what is missing, unexpected or of another shape."""
     if not weights.is_file():
         raise ModelError(f"{weights}: weights not found; is training finished?")
     try:
@@ -111,6 +99,30 @@ def load_model(folder: str | os.PathLike[str], device: str | torch.device = "cpu
         raise ModelError(
             f"{weights}: weights do not fit the network in plan.json: {'; '.join(parts)}"
         )
+    return state
+
+
+def load_model(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Read ``plan.json``, ``model.pt`` (tensors only) and optional ``postprocessing.json``.
+
+    ``model.pt`` is loaded with ``torch.load(weights_only=True)``: a checkpoint that needs
+    arbitrary pickled code is refused. Raises ``PlanError`` / ``ModelError`` naming the file.
+    """
+    from medseg.model import UNet
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ModelError(f"{root}: model folder not found; point --model to a training run")
+    plan = Plan.load(root / "plan.json")
+    dev = resolve_device(device)
+    try:
+        model: nn.Module = UNet(**plan.network)
+    except (TypeError, ValueError) as exc:
+        raise PlanError(
+            f"{root / 'plan.json'}: network settings do not build a UNet ({exc})"
+        ) from exc
+    _check_network(root, plan, model)
+    state = _read_weights(root / "model.pt", dev, model)
     model.load_state_dict(state)
     model.to(dev).eval()
     post = None
