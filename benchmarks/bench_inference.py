@@ -24,7 +24,6 @@ Run: ``python benchmarks/bench_inference.py`` (speed, ~3 min on 2 cores) and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -35,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg import heap, infer
+from medseg import heap, runtime
+from medseg.inference import case, cohort, model_folder, tiled
 from medseg.model import UNet, shapes
 
 
@@ -156,7 +156,7 @@ def flops_report(a: argparse.Namespace) -> None:
     net = _net(base, depth, 2)
     peak, seen = conv_peak(a.threads)
     print(f"conv3d peak {peak:.1f} GFLOP/s; " + ", ".join(f"{k} {v:.0f}" for k, v in seen.items()))
-    auto = infer.tile_layout(infer.inference_model(net), size)
+    auto = tiled.tile_layout(tiled.inference_model(net), size)
     # (channels-last, forced tile or None for the automatic one, batch size, keep the heap)
     configs: list[tuple[bool, int | None, int | None, bool]] = [
         (True, None, None, True),
@@ -166,16 +166,19 @@ def flops_report(a: argparse.Namespace) -> None:
     configs += [(True, t, b, True) for t in a.flops_tiles for b in (1, 2)]
     best = {"first": (0.0, ""), "warm": (0.0, "")}
     for cl, tile, batch, keep in configs:
-        fast = infer.inference_model(net, channels_last=cl)
+        fast = tiled.inference_model(net, channels_last=cl)
         with torch.inference_mode():  # oneDNN kernel selection on a small input
             fast(torch.zeros(1, 1, *(shapes.input_size(shapes.min_output_size(depth), depth),) * 3))
-        layout = infer.tile_layout(
-            fast, size, tile_size=tile, batch_size=batch if tile is not None else None
+        layout = tiled.tile_layout(
+            fast,
+            size,
+            tile_size=tile,
+            batch_size=batch if tile is not None else None,
+            keep_heap=keep,
         )
-        layout = dataclasses.replace(layout, keep_heap=layout.keep_heap and keep)
 
-        def run(fast: nn.Module = fast, layout: infer.TileLayout = layout) -> None:
-            infer.run_tiles(fast, image, layout, lambda t, o: None, prepare=False)
+        def run(fast: nn.Module = fast, layout: tiled.TileLayout = layout) -> None:
+            tiled.run_tiles(fast, image, layout, lambda t, o: None, prepare=False)
 
         counter = FlopCounter(fast)
         first = _time(run)
@@ -202,9 +205,9 @@ def flops_report(a: argparse.Namespace) -> None:
             "(goal >= 0.6)"
         )
     # per convolution, in the best layout at the auto tile: where the time goes
-    fast = infer.inference_model(net, channels_last=True)
+    fast = tiled.inference_model(net, channels_last=True)
     counter = FlopCounter(fast, timed=True)
-    infer.run_tiles(fast, image, auto, lambda t, o: None, prepare=False)
+    tiled.run_tiles(fast, image, auto, lambda t, o: None, prepare=False)
     counter.remove()
     total = sum(t for _, t in counter.per.values())
     for name, (f, t) in counter.per.items():
@@ -303,12 +306,20 @@ def rss_child(tool: str, work: str, classes: int, base: int, budget: str) -> Non
     if tool == "medseg":
         from medseg.io import read_volume
 
-        loaded = infer.load_model(root / "model")
+        loaded = model_folder.load_model(root / "model")
         vol = read_volume(root / "ct.nii.gz")
         stages["read"] = _peak_mib()
-        pred = infer.predict_case([vol], loaded, max_memory=infer.parse_bytes(mem))
+        # the allocator as the command sets it (medseg.cli._load_for_infer)
+        heap.return_freed_memory()
+        pred = case.predict_case(
+            [vol],
+            loaded,
+            max_memory=runtime.parse_bytes(mem),
+            keep_heap=runtime.kept_heap_pays(torch.device("cpu")),
+            tile_scope=lambda layout: heap.kept_freed_memory(layout.keep_heap),
+        )
         stages["predict"] = _peak_mib()
-        infer.write_prediction(pred, root / "medseg_labels.nii.gz")
+        cohort.write_prediction(pred, root / "medseg_labels.nii.gz")
         extra = {k: pred.info[k] for k in ("tiles", "tile_size", "batch_size")}
     else:
         import nibabel as nib
@@ -437,10 +448,10 @@ def main() -> None:
     print(
         f"volume {size}, UNet depth 4 base {a.base}, {a.threads} threads, torch {torch.__version__}"
     )
-    fast = infer.inference_model(net)  # what predict_logits runs: BN folded, channels-last
+    fast = tiled.inference_model(net)  # what predict_logits runs: BN folded, channels-last
     with torch.inference_mode():  # warm-up on a small input: oneDNN kernel selection
         fast(torch.zeros(1, 1, *(shapes.input_size(4, 4),) * 3))
-    auto = infer.tile_layout(net, size)
+    auto = tiled.tile_layout(net, size)
     out = np.empty((2, *size), np.float32)
 
     def sink(tile: Any, logits: np.ndarray) -> None:
@@ -449,19 +460,19 @@ def main() -> None:
     # both on the same warm, kept heap (medseg.heap): the ratio is what tiling costs
     with heap.kept_freed_memory():
         t_whole = _time(lambda: whole_volume(fast, image), repeats=2)
-        t_auto = _time(lambda: infer.run_tiles(fast, image, auto, sink, prepare=False), repeats=2)
+        t_auto = _time(lambda: tiled.run_tiles(fast, image, auto, sink, prepare=False), repeats=2)
     counter = FlopCounter(fast)  # one uncounted-time pass: FLOPs of one tiled inference
     with torch.inference_mode():
-        infer.run_tiles(fast, image, auto, lambda t, o: None, prepare=False)
+        tiled.run_tiles(fast, image, auto, lambda t, o: None, prepare=False)
     counter.remove()
-    t_api = _time(lambda: infer.predict_logits(net, image, prepare=True))  # one call, cold
+    t_api = _time(lambda: tiled.predict_logits(net, image, prepare=True))  # one call, cold
     # the path before inference preparation: contiguous layout, batch norm not folded
     t_plain = _time(
-        lambda: infer.run_tiles(net, image, auto, sink, prepare=False, channels_last=False)
+        lambda: tiled.run_tiles(net, image, auto, sink, prepare=False, channels_last=False)
     )
     gib = 4 << 30
-    forced = infer.tile_layout(net, size, max_memory=gib)
-    t_forced = _time(lambda: infer.predict_logits(net, image, max_memory=gib, prepare=True))
+    forced = tiled.tile_layout(net, size, max_memory=gib)
+    t_forced = _time(lambda: tiled.predict_logits(net, image, max_memory=gib, prepare=True))
     print(f"whole-volume forward        {t_whole:8.2f} s  (same prepared network, one pass)")
     print(
         f"tiled, auto budget          {t_auto:8.2f} s  tiles {len(auto.tiles)} of {auto.size}"
@@ -488,8 +499,8 @@ def main() -> None:
         "(goal >= 1.5)"
     )
 
-    if infer.native_bf16(torch.device("cpu")):  # opt-in: medseg infer --precision bf16
-        t_bf16 = _time(lambda: infer.predict_logits(net, image, prepare=True, precision="bf16"))
+    if runtime.native_bf16(torch.device("cpu")):  # opt-in: medseg infer --precision bf16
+        t_bf16 = _time(lambda: tiled.predict_logits(net, image, prepare=True, precision="bf16"))
         print(
             f"predict_logits, bf16        {t_bf16:8.2f} s  speed-up over float32 "
             f"{t_api / t_bf16:.2f}x; ratio medseg bf16 / MONAI float32 {t_monai / t_bf16:.3f}"

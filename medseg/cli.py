@@ -17,8 +17,14 @@ from medseg import __version__
 from medseg.errors import CohortError, MedsegError
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from rich.progress import Progress
     from rich.table import Table
 
+    from medseg.inference.cohort import CaseInput
+    from medseg.inference.model_folder import LoadedModel
+    from medseg.inference.tiled import TileLayout
     from medseg.volume import Volume
 
 app = typer.Typer(
@@ -783,16 +789,8 @@ def infer(
         None, "--suffix", help="Cohort output suffix (default: the input's, .nii.gz for DICOM)."
     ),
 ) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    from medseg import infer as inf
-    from medseg.errors import ReadError, WriteError
+    from medseg.errors import ReadError
+    from medseg.runtime import parse_bytes
 
     modes = [
         m
@@ -801,7 +799,30 @@ def infer(
     ]
     if len(modes) != 1:
         raise ReadError("give exactly one of --volume, --input-dir or --manifest")
-    if tta is None:  # the pipeline the model was trained with may ask for mirror TTA
+    tta_axes = _infer_tta(model, tta)
+    kw: dict[str, Any] = {
+        "tile_size": _parse_tile_size(tile_size),
+        "max_memory": None if max_memory is None else parse_bytes(max_memory),
+        "tta": tta_axes,
+        "save_probabilities": save_probabilities,
+        "precision": precision,
+    }
+    _check_infer_paths(volume, output)
+    loaded, heap_kw = _load_for_infer(model, device, precision)
+    kw.update(heap_kw)
+    if volume:
+        _infer_one(volume, series, loaded, output, kw)
+        return
+    cases = _infer_cases(input_dir, manifest, data_root, split, loaded.plan.in_channels)
+    _infer_cohort(cases, shard, loaded, output, overwrite, suffix, series, kw)
+
+
+def _infer_tta(model: Path, tta: str | None) -> str | None:
+    """``--tta``, by default the model folder's ``pipeline.toml`` ``[infer] tta`` (the pipeline
+    it was trained with may ask for mirror TTA), else none; None for no TTA."""
+    from medseg.errors import ReadError
+
+    if tta is None:
         from medseg.config import load_pipeline
 
         run_toml = model / "pipeline.toml"
@@ -810,13 +831,14 @@ def infer(
             tta = str(load_pipeline(run_toml).infer.get("tta", "none"))
     if tta not in ("none", "flip"):
         raise ReadError(f"--tta {tta!r}: expected none or flip")
-    kw: dict[str, Any] = {
-        "tile_size": _parse_tile_size(tile_size),
-        "max_memory": None if max_memory is None else inf.parse_bytes(max_memory),
-        "tta": None if tta == "none" else tta,
-        "save_probabilities": save_probabilities,
-        "precision": precision,
-    }
+    return None if tta == "none" else tta
+
+
+def _check_infer_paths(volume: list[Path] | None, output: Path) -> None:
+    """One-line errors before anything runs: inputs that do not exist, an output file in a
+    missing folder or named as a folder, an output folder that does not exist."""
+    from medseg.errors import ReadError, WriteError
+
     if volume:
         if not output.parent.is_dir():
             raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
@@ -827,49 +849,110 @@ def infer(
                 raise ReadError(f"{v}: no such file or folder")
     elif not output.is_dir():
         raise WriteError(f"{output}: output folder does not exist; create it first")
-    dev = inf.resolve_device(device)
-    inf.check_precision(precision, dev)
-    loaded = inf.load_model(model, dev)
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+
+def _load_for_infer(model: Path, device: str, precision: str) -> tuple[LoadedModel, dict[str, Any]]:
+    """The model folder on its device, and the allocator settings its cases run with.
+
+    The allocator is process-wide state, so the command sets it, not the library: freed
+    memory goes back to the system (:func:`medseg.heap.return_freed_memory`), and where a
+    kept heap was measured faster (:func:`medseg.runtime.kept_heap_pays`) the tiles are
+    planned for it and each case's tiles run inside one (:func:`_kept_heap_for`)."""
+    from medseg import heap
+    from medseg.inference.model_folder import load_model
+    from medseg.runtime import check_precision, kept_heap_pays, resolve_device
+
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    loaded = load_model(model, dev)
+    heap.return_freed_memory()
+    return loaded, {"keep_heap": kept_heap_pays(dev), "tile_scope": _kept_heap_for}
+
+
+def _kept_heap_for(layout: TileLayout) -> AbstractContextManager[None]:
+    """Freed activations kept in the heap while a case's tiles run, where ``layout`` was
+    planned for it; afterwards the heap is given back (:func:`medseg.heap.kept_freed_memory`)."""
+    from medseg import heap
+
+    return heap.kept_freed_memory(layout.keep_heap)
+
+
+def _infer_progress() -> Progress:
+    """The tile and case bars, drawn on terminals only; logs and pipes get the summary lines."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
     )
-    images = None
-    if volume:  # read and check before any progress output, so errors stay one line
-        images = inf.read_case(volume, series)
-        inf.check_channels(images, loaded.plan)
-    # the bar is drawn on terminals only; logs and pipes get the summary lines
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    return Progress(*columns, TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+
+
+def _infer_one(
+    volume: list[Path], series: str | None, loaded: LoadedModel, output: Path, kw: dict[str, Any]
+) -> None:
+    """Segment the one case of ``--volume`` into ``output``; print the files written."""
+    from medseg.inference.case import check_channels, predict_case
+    from medseg.inference.cohort import read_case, write_prediction
+
+    # read and check before any progress output, so errors stay one line
+    images = read_case(volume, series)
+    check_channels(images, loaded.plan)
+    with _infer_progress() as bar:
         tiles = bar.add_task("tiles", total=None)
+        pred = predict_case(
+            images,
+            loaded,
+            progress=lambda done, total: bar.update(tiles, completed=done, total=total),
+            **kw,
+        )
+        written = write_prediction(pred, output)
+    for p in written:
+        print(p)
 
-        def on_tiles(done: int, total: int) -> None:
-            bar.update(tiles, completed=done, total=total)
 
-        if images is not None:
-            pred = inf.predict_case(images, loaded, progress=on_tiles, **kw)
-            written = inf.write_prediction(pred, output)
-            bar.stop()
-            for p in written:
-                print(p)
-            return
-        if input_dir is not None:
-            cases = inf.discover_cases(input_dir, loaded.plan.in_channels)
-        else:
-            from medseg.manifest import load_manifest
+def _infer_cases(
+    input_dir: Path | None,
+    manifest: Path | None,
+    data_root: Path | None,
+    split: str | None,
+    n_channels: int,
+) -> list[CaseInput]:
+    """The cases of ``--input-dir`` or of ``--manifest`` (only ``--split`` when given)."""
+    from medseg.inference.cohort import CaseInput, discover_cases
 
-            assert manifest is not None
-            m = load_manifest(manifest, data_root)
-            cases = [
-                inf.CaseInput(c.case_id, list(c.images))
-                for c in m.cases
-                if split is None or c.split == split
-            ]
-        cases = inf.select_shard(cases, shard)
+    if input_dir is not None:
+        return discover_cases(input_dir, n_channels)
+    from medseg.manifest import load_manifest
+
+    assert manifest is not None
+    m = load_manifest(manifest, data_root)
+    return [
+        CaseInput(c.case_id, list(c.images)) for c in m.cases if split is None or c.split == split
+    ]
+
+
+def _infer_cohort(
+    cases: list[CaseInput],
+    shard: str | None,
+    loaded: LoadedModel,
+    output: Path,
+    overwrite: bool,
+    suffix: str | None,
+    series: str | None,
+    kw: dict[str, Any],
+) -> None:
+    """Segment this ``--shard`` of ``cases`` into the folder ``output``; print the counts."""
+    from medseg.inference.cohort import run_cohort, select_shard
+
+    cases = select_shard(cases, shard)
+    with _infer_progress() as bar:
+        tiles = bar.add_task("tiles", total=None)
         task = bar.add_task("cases", total=len(cases))
-        status = inf.run_cohort(
+        status = run_cohort(
             cases,
             loaded,
             output,
@@ -877,7 +960,7 @@ def infer(
             suffix=suffix,
             series=series,
             on_case=lambda _cid, _st: bar.advance(task),
-            progress=on_tiles,
+            progress=lambda done, total: bar.update(tiles, completed=done, total=total),
             **kw,
         )
     done = sum(s == "done" for s in status.values())

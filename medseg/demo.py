@@ -61,7 +61,8 @@ def _train_fn() -> Any:
 
 
 def _inference_fns() -> tuple[Any, Any, Any]:
-    from medseg.infer import CaseInput, load_model, run_cohort
+    from medseg.inference.cohort import CaseInput, run_cohort
+    from medseg.inference.model_folder import load_model
 
     return CaseInput, load_model, run_cohort
 

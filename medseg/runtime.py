@@ -43,6 +43,26 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (as oneDNN, through torch, sees them)."""
+    check = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    return bool(check is not None and check())
+
+
+def kept_heap_pays(device: torch.device) -> bool:
+    """Whether keeping freed activations in the process heap
+    (:func:`medseg.heap.kept_freed_memory`) makes tiled inference on ``device`` faster: on a
+    CPU with AMX tiles, the property that separated the machines it was measured on
+    (``benchmarks/bench_inference.py --flops-only``, default 3D network, 192x192x160, one
+    196x196x164 tile, fraction of the conv3d peak). On the AMX Xeon it was tuned on the kept
+    heap was faster (:data:`medseg.heap.KEEP_SPEEDUP`). On a 2-core AMD EPYC without AMX the
+    first pass, what one case of that size costs, reached 0.37 kept against 0.56 given back
+    (13.0 s against 8.6 s), while a warm further pass reached 0.80 kept against 0.71; an
+    earlier run there measured 0.62 kept against 0.71. CUDA memory is torch's caching
+    allocator's, not glibc's heap: never there."""
+    return device.type == "cpu" and has_amx()
+
+
 #: ``--precision``: "auto" (reduced precision on CUDA, float32 on the CPU), "float32" or "bf16".
 PRECISIONS = ("auto", "float32", "bf16")
 

@@ -183,7 +183,7 @@ def tile_bytes(
     Blocked layouts (default) pad channels to :data:`CHANNEL_BLOCK`; channels-last does not.
     ``lean`` estimates the slab-wise inference forward
     (:func:`medseg.model.shapes.lean_peak_activation_elements`), which
-    ``medseg.infer.inference_model`` copies run, instead of the plain forward, plus two
+    ``medseg.inference.tiled.inference_model`` copies run, instead of the plain forward, plus two
     float32 copies of the tile input (batch buffer, mirrored gather or channels-last copy).
     """
     safety, block = (CHANNELS_LAST_SAFETY, 1) if channels_last else (MEMORY_SAFETY, CHANNEL_BLOCK)

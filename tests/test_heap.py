@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from medseg import heap, infer
+from medseg import heap, tiling
+from medseg.inference import tiled
 from medseg.model import UNet
 
 _RETURN_SCRIPT = """
@@ -68,8 +71,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _run(script: str, mode: str) -> list[str]:
+    # glibc's own defaults: a MALLOC_* variable left in this process's environment (Dask's
+    # nanny sets MALLOC_TRIM_THRESHOLD_ for its workers) would change the controls
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     run = subprocess.run(
-        [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, env=env
     )
     return run.stdout.split()
 
@@ -132,22 +138,22 @@ def net3d() -> UNet:
 
 
 def test_tile_layout_keeps_the_heap_only_where_the_budget_allows(net3d: UNet) -> None:
-    fast = infer.inference_model(net3d)
+    fast = tiled.inference_model(net3d)
     shape = (60, 60, 60)
-    roomy = infer.tile_layout(fast, shape, max_memory=8 << 30)
+    roomy = tiled.tile_layout(fast, shape, max_memory=8 << 30, keep_heap=True)
     assert roomy.keep_heap and len(roomy.tiles) == 1
     # a budget that fits the one tile but not with the kept heap's overhead: more memory
     # for tiles beats a faster heap, so the same single tile runs with blocks given back
     network = dict(fast.network)  # type: ignore[arg-type]
-    need = infer.tiling.tile_bytes(
-        roomy.size, network, channels_last=infer.default_channels_last(fast), lean=roomy.lean
+    need = tiling.tile_bytes(
+        roomy.size, network, channels_last=tiled.default_channels_last(fast), lean=roomy.lean
     )
-    tight = infer.tile_layout(fast, shape, max_memory=int(need * 1.1))
+    tight = tiled.tile_layout(fast, shape, max_memory=int(need * 1.1), keep_heap=True)
     assert len(tight.tiles) == 1 and not tight.keep_heap
     # forced tiles: kept where the estimate times the overhead fits
-    forced = infer.tile_layout(fast, shape, tile_size=20, max_memory=8 << 30)
+    forced = tiled.tile_layout(fast, shape, tile_size=20, max_memory=8 << 30, keep_heap=True)
     assert forced.keep_heap
-    small = infer.tile_layout(fast, shape, tile_size=20, max_memory=1 << 10)
+    small = tiled.tile_layout(fast, shape, tile_size=20, max_memory=1 << 10, keep_heap=True)
     assert not small.keep_heap
 
 
@@ -157,21 +163,21 @@ def test_kept_layouts_honour_the_budget_and_the_voxel_trade() -> None:
     KEEP_SPEEDUP times the voxels of the layout given the whole budget, and the trade happens
     (kept with more tiles than that layout) as well as not (given back)."""
     net = UNet(3, 1, 5, depth=4, base_channels=8).eval()
-    fast = infer.inference_model(net)
+    fast = tiled.inference_model(net)
     network = dict(fast.network)  # type: ignore[arg-type]
-    cl = infer.default_channels_last(fast)
+    cl = tiled.default_channels_last(fast)
     shape = (512, 512, 300)
     traded = given_back = 0
     for gib in (0.25, 0.5, 1, 2, 3, 4, 6, 8, 11, 16, 24):
         budget = int(gib * (1 << 30))
-        lay = infer.tile_layout(fast, shape, max_memory=budget)
-        whole = infer._layout_within(fast, shape, None, budget, None)
+        lay = tiled.tile_layout(fast, shape, max_memory=budget, keep_heap=True)
+        whole = tiled._layout_within(fast, shape, None, budget, None)
         if lay.keep_heap:
-            need = lay.batch_size * infer.tiling.tile_bytes(
+            need = lay.batch_size * tiling.tile_bytes(
                 lay.size, network, channels_last=cl, lean=lay.lean
             )
             assert need * heap.KEEP_OVERHEAD <= budget, gib
-            ratio = infer.computed_voxels(lay, network) / infer.computed_voxels(whole, network)
+            ratio = tiled.computed_voxels(lay, network) / tiled.computed_voxels(whole, network)
             assert ratio <= heap.KEEP_SPEEDUP, gib
             traded += len(lay.tiles) > len(whole.tiles)
         else:
@@ -180,16 +186,47 @@ def test_kept_layouts_honour_the_budget_and_the_voxel_trade() -> None:
     assert traded and given_back
 
 
-def test_run_tiles_keeps_the_heap_while_the_layout_says_so(net3d: UNet) -> None:
+def test_tile_layout_plans_no_kept_heap_where_it_does_not_pay(net3d: UNet) -> None:
+    """Not asked to plan for a kept heap, the layout is the one the whole budget gets; by
+    default it asks :func:`medseg.runtime.kept_heap_pays` (AMX present)."""
+    from medseg import runtime
+
+    fast = tiled.inference_model(net3d)
+    shape = (60, 60, 60)
+    plain = tiled.tile_layout(fast, shape, max_memory=8 << 30, keep_heap=False)
+    assert not plain.keep_heap
+    assert plain == tiled._layout_within(fast, shape, None, 8 << 30, None)
+    default = tiled.tile_layout(fast, shape, max_memory=8 << 30)
+    assert default.keep_heap == runtime.kept_heap_pays(torch.device("cpu"))
+
+
+def test_kept_heap_pays_where_amx_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg import runtime
+
+    for amx in (False, True):
+        monkeypatch.setattr(runtime, "has_amx", lambda amx=amx: amx)
+        assert runtime.kept_heap_pays(torch.device("cpu")) is amx
+        assert not runtime.kept_heap_pays(torch.device("meta"))
+
+
+def test_the_cli_keeps_the_heap_while_the_layout_says_so_and_run_tiles_never(
+    net3d: UNet,
+) -> None:
+    from medseg.cli import _kept_heap_for
+
     image = np.random.default_rng(1).normal(size=(1, 37, 41, 29)).astype(np.float32)
-    fast = infer.inference_model(net3d)
-    layout = infer.tile_layout(fast, image.shape[1:], tile_size=16)
+    fast = tiled.inference_model(net3d)
+    layout = tiled.tile_layout(fast, image.shape[1:], tile_size=16)
     heap.return_freed_memory()
     if heap.mode() != "return":
         pytest.skip("no glibc mallopt on this platform")
     for keep in (False, True):
-        seen: set[str] = set()
-        lay = infer.TileLayout(layout.size, layout.tiles, layout.batch_size, False, keep)
-        infer.run_tiles(fast, image, lay, lambda _t, _o, s=seen: s.add(heap.mode()), prepare=False)
-        assert seen == {"keep" if keep else "return"}
-        assert heap.mode() == "return"
+        lay = tiled.TileLayout(layout.size, layout.tiles, layout.batch_size, False, keep)
+        for scope, kept in ((_kept_heap_for, keep), (None, False)):
+            seen: set[str] = set()
+            with _kept_heap_for(lay) if scope else contextlib.nullcontext():
+                tiled.run_tiles(
+                    fast, image, lay, lambda _t, _o, s=seen: s.add(heap.mode()), prepare=False
+                )
+            assert seen == {"keep" if kept else "return"}
+            assert heap.mode() == "return"

@@ -141,7 +141,7 @@ def test_brats_cases_share_one_background_value_after_preprocessing(data_root: P
 
 @pytest.mark.parametrize("name", PIPELINES)
 def test_pipeline_train_preprocess_and_infer_sections_accepted(name: str) -> None:
-    from medseg.infer import _flip_sets
+    from medseg.inference.tiled import _flip_sets
     from medseg.preprocess.cohort import Options
     from medseg.training.augment import AugmentConfig
     from medseg.training.config import TrainConfig

@@ -154,7 +154,7 @@ class UNet(nn.Module):
         self.head = _conv(spatial_dims)(widths[0], out_channels, 1)
         self.pool = nn.MaxPool2d(2) if spatial_dims == 2 else nn.MaxPool3d(2)
         #: tiles may run through :meth:`forward_lean` (set on the copy that
-        #: ``medseg.infer.inference_model`` makes; ``medseg.infer.tile_layout`` decides)
+        #: ``medseg.inference.tiled.inference_model`` makes; ``tile_layout`` there decides)
         self.lean = False
         #: block-output columns (last spatial axis) per slab in :meth:`forward_lean`
         self.lean_slab_rows = shapes.LEAN_SLAB_ROWS

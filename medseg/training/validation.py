@@ -46,7 +46,7 @@ def _predict_case(
     model: nn.Module, image: np.ndarray, dims: int, tile: Any, tta: Any = None
 ) -> np.ndarray:
     """Logits ``(classes, I, J, K)`` of a whole cached case (2D: slice by slice along K)."""
-    from medseg.infer import predict_logits
+    from medseg.inference.tiled import predict_logits
 
     tile_size = tuple(tile) if tile is not None else None
     if dims == 3:
@@ -74,7 +74,7 @@ def validate(
     Ignored voxels (-1) are left out of both prediction and reference. ``tta`` as in
     ``medseg infer``; ``probabilities`` keeps each case's softmax (float32).
     """
-    from medseg.infer import softmax
+    from medseg.inference.tiled import softmax
     from medseg.metrics import dice
     from medseg.preprocess.cache import load_case
 

@@ -47,9 +47,9 @@ def test_training_writes_a_run_folder_that_inference_loads(prep: Path, tmp_path:
     assert lines[0].startswith("epoch,step,train_loss,val_loss,val_dice_mean,lr")
     assert len(lines) == 3 and res.epochs_done == 2
     assert 0.0 <= res.best_dice <= 1.0
-    from medseg import infer
+    from medseg.inference.model_folder import load_model
 
-    loaded = infer.load_model(out)
+    loaded = load_model(out)
     assert loaded.plan.network == tiny_plan().network
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.test_train import write_synthetic_cache
+from tests.training.synthetic import write_synthetic_cache
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -27,7 +27,7 @@ if os.environ.get("MEDSEG_PROBE") and "RANK" in os.environ:
     import atexit, contextlib, json, pathlib
     import torch
     import medseg.atomic as atomic
-    import medseg.train as training
+    import medseg.training as training
 
     probe = pathlib.Path(os.environ["MEDSEG_PROBE"])
     rank = os.environ["RANK"]
