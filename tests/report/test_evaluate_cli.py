@@ -180,7 +180,7 @@ def test_evaluate_with_manifest_uses_label_names_regions_and_fov(tmp_path):
         == 0
     )
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["metrics"]) == {"organ", "lesion", "all"}
+    assert set(summary["metrics"]) == {"background", "organ", "lesion", "all"}
     assert summary["metrics"]["lesion"]["dice"]["mean"] == 1.0  # FOV hides the false positive
     assert "c1" in (out / "report.html").read_text()
 
