@@ -984,14 +984,20 @@ def _infer_cohort(
         "'fov' file restricts the evaluation to its non-zero voxels).",
         "Metrics per class (label value) or region (union of values): Dice, IoU, precision, "
         "recall, HD, HD95, ASSD (boundary distances as MONAI), NSD at --tolerance-mm (as "
-        "DeepMind surface-distance), reference/predicted volume and difference in mL. Both "
-        "masks empty: Dice 1, HD 0, NSD 1; one empty: Dice 0, distances inf (counted apart in "
-        "the summary).",
+        "DeepMind surface-distance), reference/predicted volume and difference in mL. One "
+        "mask empty: Dice 0, distances inf (counted apart in the summary). A class with no "
+        "voxel in either map of a case is absent from it: no metrics (NaN, 'absent'), counted "
+        "in n_absent and left out of the statistics; one absent from every case is named in a "
+        "warning.",
+        "Classes: every label the manifest or --labels names, label 0 included where named; "
+        "without either, the non-zero label values found (0 = background).",
         "Each pair must share its grid (corner voxel centres within 0.01 mm); otherwise the case "
         "fails with the difference in mm, or --resample-pred resamples the prediction "
         "(nearest neighbour) onto the reference grid. Failed cases (missing prediction, grid "
         "mismatch, non-integer label file) are listed in the report and summary, the others "
-        "are evaluated, and the exit code is 1.",
+        "are evaluated, and the exit code is 1. The output folder is checked for writing before "
+        "any case is read and locked while the command runs; the three files are written "
+        "together (a full disk leaves none of them, or the previous ones).",
         "Examples:\n\n  medseg evaluate --pred out/preds --ref data/labelsTs --out reports/run1\n\n"
         "  medseg evaluate --manifest data_manifests/brats.json --pred out/preds "
         "--out reports/brats --regions 'whole=1,2,3;core=1,3;enhancing=3'",
@@ -1016,7 +1022,8 @@ def evaluate(
         None,
         "--labels",
         help="Classes to evaluate: label values '1,2' or manifest label names 'liver,tumour' "
-        "(default: the manifest's labels, else every non-zero value found).",
+        "(default: the manifest's labels, 0 included where named, else every non-zero value "
+        "found).",
     ),
     regions: str | None = typer.Option(
         None, "--regions", help="Extra regions as unions of values: 'whole=1,2,3;core=1,3'."
@@ -1088,7 +1095,15 @@ def evaluate(
     for name in result.names:
         st = result.summary["metrics"][name]["dice"]
         mean = "n/a" if st["mean"] is None else f"{st['mean']:.4f}"
-        print(f"  {name}: mean Dice {mean} (n={st['n']})")
+        absent = f", absent from {st['n_absent']}" if st["n_absent"] else ""
+        print(f"  {name}: mean Dice {mean} (n={st['n']}{absent})")
+    for name in result.summary["absent_everywhere"]:
+        print(
+            f"medseg: warning: class {name!r} (label values "
+            f"{result.summary['classes'].get(name)}) is absent from every evaluated prediction "
+            "and reference; it has no metrics (not Dice 1): check --labels or the manifest",
+            file=sys.stderr,
+        )
     if result.failures:
         raise CohortError(
             f"{len(result.failures)} of {len(pairs)} case(s) failed; see {out / 'report.html'}",

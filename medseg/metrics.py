@@ -805,24 +805,29 @@ def label_metrics(
     """All metrics per class or region of two integer label maps.
 
     ``classes`` maps a name to the label values whose union forms it (``{"liver": [1]}``,
-    BraTS ``{"whole": [1, 2, 3]}``). ``mask`` (bool, same shape) restricts the evaluation to a
-    field of view: voxels outside it count as background in both maps.
+    BraTS ``{"whole": [1, 2, 3]}``; value 0 is a class like any other when named, e.g. ISBI
+    2012's membrane). ``mask`` (bool, same shape) restricts the evaluation to a field of view:
+    voxels outside it belong to no class in either map.
     """
     pl, rl = np.asarray(pred), np.asarray(ref)
     if pl.shape != rl.shape:
         raise ValueError(f"pred shape {pl.shape} differs from ref shape {rl.shape}")
-    if mask is not None:
-        m = np.asarray(mask).astype(bool, copy=False)
-        pl = np.where(m, pl, 0)
-        rl = np.where(m, rl, 0)
-    # every class lies inside the foreground box of both maps; cropping to it first makes
-    # the per-class work follow the objects, not the scan (background changes no metric)
-    sl = _bbox((pl != 0) | (rl != 0))
+    m = None if mask is None else np.asarray(mask).astype(bool, copy=False)
+    # a class without value 0 lies inside the non-zero box of both maps (within the FOV):
+    # cropping to it makes the work follow the objects, not the scan. A class with value 0
+    # covers the background, so it is measured on the whole array.
+    nonzero = (pl != 0) | (rl != 0)
+    sl = _bbox(nonzero if m is None else nonzero & m)
     if sl is None:
         sl = tuple(slice(0, 0) for _ in pl.shape)
-    pc, rc = pl[sl], rl[sl]
+    whole = tuple(slice(None) for _ in pl.shape)
     out: dict[str, dict[str, float]] = {}
     for name, values in classes.items():
         vals = np.asarray(list(values))
-        out[name] = all_metrics(np.isin(pc, vals), np.isin(rc, vals), spacing, tolerance_mm)
+        box = whole if np.any(vals == 0) else sl
+        p, r = np.isin(pl[box], vals), np.isin(rl[box], vals)
+        if m is not None:
+            p &= m[box]
+            r &= m[box]
+        out[name] = all_metrics(p, r, spacing, tolerance_mm)
     return out

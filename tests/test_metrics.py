@@ -353,3 +353,23 @@ def test_label_metrics_regions_and_fov_mask():
     fov[:6] = True  # hides the disagreement
     res = M.label_metrics(pred, ref, (1.0, 1.0, 2.0), {"a": [1], "b": [2]}, mask=fov)
     assert res["a"]["dice"] == 1.0 and res["b"]["dice"] == 1.0 and res["b"]["hd"] == 0.0
+
+
+def test_label_metrics_score_label_zero_over_the_whole_array():
+    """Value 0 named as a class (ISBI 2012's membrane) covers the background outside the
+    objects' box: its Dice and volume count every voxel, not just the foreground crop."""
+    ref = np.zeros((20, 16), np.int16)
+    ref[5:12, 4:10] = 1
+    pred = np.zeros_like(ref)
+    pred[6:13, 4:10] = 1
+    res = M.label_metrics(pred, ref, (1.0, 1.0), {"zero": [0], "one": [1]})
+    p0, r0 = pred == 0, ref == 0
+    assert res["zero"]["dice"] == pytest.approx(2 * (p0 & r0).sum() / (p0.sum() + r0.sum()))
+    assert res["zero"]["vol_ref_ml"] == pytest.approx(r0.sum() / 1000.0)
+    fov = np.zeros(ref.shape, bool)
+    fov[:, :12] = True
+    res = M.label_metrics(pred, ref, (1.0, 1.0), {"zero": [0]}, mask=fov)
+    assert res["zero"]["vol_ref_ml"] == pytest.approx((r0 & fov).sum() / 1000.0)
+    assert res["zero"]["dice"] == pytest.approx(
+        2 * (p0 & r0 & fov).sum() / ((p0 & fov).sum() + (r0 & fov).sum())
+    )

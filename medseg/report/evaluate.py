@@ -5,33 +5,51 @@ Pairs come from two files, two folders matched by case id (the file name without
 suffix), or a manifest plus a prediction folder. With a manifest, a case's ``extras["fov"]``
 file (non-zero = inside) restricts the evaluation to that field of view, and its first image
 is drawn under the overlay contours. A case that cannot be evaluated (missing prediction,
-different grid, non-integer label file, ...) becomes a failure: the others are still evaluated
-and written, and :func:`evaluate_cohort` returns the failures for the caller to raise
-``CohortError`` at the end.
+different grid, non-integer label file, an unexpected error such as ``MemoryError``, a worker
+process that died) becomes a failure: the others are still evaluated and written, and
+:func:`evaluate_cohort` returns the failures for the caller to raise ``CohortError`` at the end.
+
+Absent classes: a class with no voxel in either the prediction or the reference of a case
+(inside its field of view) is *absent* from that case. Agreement on nothing measures nothing,
+so its overlap and distance metrics are NaN (volumes 0), it is counted in ``n_absent`` and left
+out of every statistic and of the case's mean Dice (:data:`ABSENT_RULE`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg.atomic import write_json, write_text
+from medseg.atomic import atomic_path, check_writable_folder, folder_lock
 from medseg.errors import GeometryError, MedsegError, ReadError
 from medseg.io import VOLUME_SUFFIXES, split_suffix
 from medseg.metrics import METRIC_NAMES, label_metrics
+from medseg.report.views import View, cut, views_of
 from medseg.volume import GRID_ATOL_MM, Grid, drop_singleton_k
 
 DISTANCE_METRICS = ("hd", "hd95", "assd")
+#: Metrics that say how well two masks agree; undefined (NaN) for a class absent from a case.
+AGREEMENT_METRICS = ("dice", "iou", "precision", "recall", "hd", "hd95", "assd", "nsd")
+#: The rule for classes absent from a case, as the report and summary state it.
+ABSENT_RULE = (
+    "A class with no voxel in either the prediction or the reference of a case is absent from "
+    "that case: its metrics are not defined (NaN, shown as 'absent'), it is counted in n_absent "
+    "and left out of every statistic and of the case's mean Dice, never scored as Dice 1."
+)
+OUTPUT_NAMES = ("metrics.csv", "summary.json", "report.html")
 
 
 def case_id_of(path: Path) -> str:
@@ -106,20 +124,26 @@ def pairs_from_manifest(
 
 
 @dataclass(frozen=True)
-class OverlaySlice:
-    """What a case's overlay draws, cut from the arrays the evaluation read: the worst class
-    ``name`` (lowest Dice) on slice ``k`` of the last axis (0 for 2D), reference and
-    prediction masks ``(I, J)``, a float32 ``background`` ``(I, J)`` (the reference labels, or
-    the first image once read: ``what``), the pixel ``aspect`` (J spacing / I spacing) and the
-    reference ``grid`` an image must share to be drawn."""
+class ViewSlice:
+    """One picture of a case's overlay (``medseg.report.views``): reference and prediction
+    masks and a float32 ``background``, all ``(rows, columns)`` with row 0 at the top."""
 
-    name: str
-    k: int
+    view: View
     ref: np.ndarray
     pred: np.ndarray
     background: np.ndarray
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """What a case's overlay draws, cut from the arrays the evaluation read: the worst class
+    ``name`` (lowest Dice) in the ``views`` that hold the most disagreeing voxels, over the
+    reference labels or the first image once read (``what``), and the reference ``grid`` an
+    image must share to be drawn."""
+
+    name: str
+    views: tuple[ViewSlice, ...]
     what: str
-    aspect: float
     grid: Grid
 
 
@@ -132,12 +156,12 @@ class CaseResult:
     error: str | None = None
     spacing: tuple[float, ...] = ()
     diagonal_mm: float = 0.0
-    #: per class: index along the last axis of the slice with the most disagreeing voxels
-    worst_slice: dict[str, int] = field(default_factory=dict)
     #: label values forming each class/region name
     class_values: dict[str, list[int]] = field(default_factory=dict)
-    #: the slice the report draws (None for failed cases)
-    overlay: OverlaySlice | None = None
+    #: classes with no voxel in either map of this case (metrics NaN, see ``ABSENT_RULE``)
+    absent: list[str] = field(default_factory=list)
+    #: the pictures the report draws (None for failed cases)
+    overlay: Overlay | None = None
 
 
 def _read_label(path: Path) -> Any:
@@ -209,49 +233,58 @@ def evaluate_pair(
             cls = {str(v): [int(v)] for v in found if v != 0 and str(v) not in cls} | cls
         res.metrics = label_metrics(pred, ref, sp, cls, tolerance_mm, fov)
         res.class_values = {k: list(v) for k, v in cls.items()}
-        for name, values in cls.items():
-            err = np.isin(pred, values) != np.isin(ref, values)
-            if fov is not None:
-                err &= fov
-            if err.ndim == 3:
-                res.worst_slice[name] = int(np.argmax(err.sum(axis=(0, 1))))
-            else:
-                res.worst_slice[name] = 0
-        res.overlay = _overlay_slice(res, pred, ref, sp, grid)
-    except MedsegError as exc:
-        res.error = str(exc)
+        for name, m in res.metrics.items():
+            if m["vol_ref_ml"] == 0 and m["vol_pred_ml"] == 0:
+                res.metrics[name] = absent_metrics(len(sp))
+                res.absent.append(name)
+        res.overlay = _overlay(res, pred, ref, fov, grid)
+    except Exception as exc:  # one case's failure, whatever it is, must not stop the cohort
+        res.error = failure_cause(exc)
         res.metrics = {}
+        res.absent = []
         res.overlay = None
     return res
 
 
-def _overlay_slice(
-    res: CaseResult, pred: np.ndarray, ref: np.ndarray, sp: tuple[float, ...], grid: Grid
-) -> OverlaySlice | None:
-    """The worst class's worst slice of ``pred`` and ``ref`` (copies: the whole arrays are not
-    kept), over the reference labels."""
-    if not res.metrics:
+def failure_cause(exc: BaseException) -> str:
+    """One line for a case's failure: a ``MedsegError``'s own message, else the exception's
+    type and message (an unexpected error such as ``MemoryError`` or a bug)."""
+    if isinstance(exc, MedsegError):
+        return str(exc)
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"unexpected {type(exc).__name__}" + (f": {msg}" if msg else "")
+
+
+def _overlay(
+    res: CaseResult,
+    pred: np.ndarray,
+    ref: np.ndarray,
+    fov: np.ndarray | None,
+    grid: Grid,
+) -> Overlay | None:
+    """The worst scored class in the views with the most disagreeing voxels, over the
+    reference labels (copies: the whole arrays are not kept)."""
+    scored = {n: m["dice"] for n, m in res.metrics.items() if n not in res.absent}
+    if not scored:
         return None
-    name = min(res.metrics, key=lambda n: res.metrics[n]["dice"])
-    classes = res.class_values.get(name, [])
-    k = res.worst_slice.get(name, 0)
-    ref_s, pred_s = (ref[..., k], pred[..., k]) if ref.ndim == 3 else (ref, pred)
-    return OverlaySlice(
-        name,
-        k,
-        np.isin(ref_s, classes),
-        np.isin(pred_s, classes),
-        ref_s.astype(np.float32),
-        "label",
-        sp[1] / sp[0],
-        grid,
+    name = min(scored, key=lambda n: scored[n])
+    values = res.class_values.get(name, [])
+    r, p = np.isin(ref, values), np.isin(pred, values)
+    if fov is not None:
+        r &= fov
+        p &= fov
+    bg = ref.astype(np.float32)
+    slices = tuple(
+        ViewSlice(v, cut(r, grid, v).copy(), cut(p, grid, v).copy(), cut(bg, grid, v).copy())
+        for v in views_of(grid, r != p, r | p)
     )
+    return Overlay(name, slices, "label", grid)
 
 
-def overlay_with_image(overlay: OverlaySlice, image: Path | None) -> OverlaySlice:
-    """``overlay`` drawn over slice ``k`` of ``image``'s first channel when that file shares
-    the reference grid (within ``GRID_ATOL_MM``); else unchanged. Raises ``MedsegError`` or
-    ``OSError`` when the image cannot be read."""
+def overlay_with_image(overlay: Overlay, image: Path | None) -> Overlay:
+    """``overlay`` drawn over the same views of ``image``'s first channel when that file
+    shares the reference grid (within ``GRID_ATOL_MM``); else unchanged. Raises
+    ``MedsegError`` or ``OSError`` when the image cannot be read."""
     from medseg.io import read_volume
 
     if image is None:
@@ -260,16 +293,19 @@ def overlay_with_image(overlay: OverlaySlice, image: Path | None) -> OverlaySlic
     if not img.grid.allclose(overlay.grid, GRID_ATOL_MM):
         return overlay
     a = drop_singleton_k(img.array[0])
-    bg = a[..., overlay.k] if a.ndim == 3 else a
-    return dataclasses.replace(overlay, background=np.asarray(bg), what="image")
+    views = tuple(
+        dataclasses.replace(v, background=np.asarray(cut(a, overlay.grid, v.view)))
+        for v in overlay.views
+    )
+    return dataclasses.replace(overlay, views=views, what="image")
 
 
 def report_overlays(
     ranked: list[CaseResult], pairs: dict[str, EvalPair], worst_n: int
-) -> list[tuple[CaseResult, OverlaySlice | str]]:
-    """The first ``worst_n`` evaluated cases of ``ranked`` with their overlay slice (over the
+) -> list[tuple[CaseResult, Overlay | str]]:
+    """The first ``worst_n`` evaluated cases of ``ranked`` with their overlay (over the
     pair's image where it has one), or why it is unavailable."""
-    out: list[tuple[CaseResult, OverlaySlice | str]] = []
+    out: list[tuple[CaseResult, Overlay | str]] = []
     for r in [r for r in ranked if r.error is None and r.overlay is not None][:worst_n]:
         assert r.overlay is not None
         try:
@@ -280,15 +316,17 @@ def report_overlays(
 
 
 # -- aggregation -------------------------------------------------------------------------------
-def _both_empty_metrics(ndim: int) -> dict[str, float]:
-    from medseg.metrics import all_metrics
-
-    z = np.zeros((1,) * ndim, dtype=bool)
-    return all_metrics(z, z, (1.0,) * ndim)
+def absent_metrics(ndim: int) -> dict[str, float]:
+    """Metrics of a class absent from a case: agreement undefined (NaN), volumes 0 mL."""
+    out = dict.fromkeys(AGREEMENT_METRICS, math.nan)
+    if ndim not in (2, 3):
+        del out["nsd"]  # as all_metrics: NSD exists for 2D and 3D only
+    return out | {"vol_ref_ml": 0.0, "vol_pred_ml": 0.0, "vol_diff_ml": 0.0}
 
 
 def fill_absent_classes(results: list[CaseResult]) -> list[str]:
-    """Class names over all cases; a class absent from a case's pred and ref is both-empty."""
+    """Class names over all cases; a class a case did not score (a value found only in other
+    cases) is absent from it."""
     names: list[str] = []
     for r in results:
         for n in r.metrics:
@@ -298,17 +336,20 @@ def fill_absent_classes(results: list[CaseResult]) -> list[str]:
         if r.error is None:
             for n in names:
                 if n not in r.metrics:
-                    r.metrics[n] = _both_empty_metrics(len(r.spacing))
+                    r.metrics[n] = absent_metrics(len(r.spacing))
+                    r.absent.append(n)
     return names
 
 
 def summarise(results: list[CaseResult], names: list[str]) -> dict[str, Any]:
-    """Per class and metric: mean, std, median, IQR, min, max, n, empties and infinities."""
+    """Per class and metric: mean, std, median, IQR, min, max, n, empties, infinities and
+    ``n_absent`` (cases without the class, left out of the statistics: ``ABSENT_RULE``)."""
     ok = [r for r in results if r.error is None]
     inf_mm = max([r.diagonal_mm for r in ok], default=0.0)
     out: dict[str, Any] = {}
     for name in names:
-        rows = [r.metrics[name] for r in ok if name in r.metrics]
+        n_absent = sum(1 for r in ok if name in r.absent)
+        rows = [r.metrics[name] for r in ok if name in r.metrics and name not in r.absent]
         per: dict[str, Any] = {}
         n_empty_ref = sum(1 for m in rows if m["vol_ref_ml"] == 0)
         n_empty_pred = sum(1 for m in rows if m["vol_pred_ml"] == 0)
@@ -318,6 +359,7 @@ def summarise(results: list[CaseResult], names: list[str]) -> dict[str, Any]:
             fin = vals[np.isfinite(vals)]
             st: dict[str, Any] = {
                 "n": int(vals.size),
+                "n_absent": n_absent,
                 "n_empty_ref": n_empty_ref,
                 "n_empty_pred": n_empty_pred,
                 "n_inf": int(np.count_nonzero(np.isinf(vals))),
@@ -342,35 +384,48 @@ def summarise(results: list[CaseResult], names: list[str]) -> dict[str, Any]:
                 st["mean_inf_replaced"] = float(np.where(np.isinf(vals), inf_mm, vals).mean())
             st["note"] = "statistics over finite values; n_inf cases counted apart"
             per[k] = st
-        out[name] = per
+        out[name] = per or {"dice": _no_stats(n_absent)}
     return out
 
 
+def _no_stats(n_absent: int) -> dict[str, Any]:
+    """The Dice entry of a class absent from every evaluated case: no value to summarise."""
+    st: dict[str, Any] = {"n": 0, "n_absent": n_absent, "n_empty_ref": 0, "n_empty_pred": 0}
+    st |= {"n_inf": 0} | dict.fromkeys(("mean", "std", "median", "iqr", "q25", "q75", "min", "max"))
+    return st | {"note": "absent from every evaluated case: nothing to score"}
+
+
 def _fmt(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
     if math.isinf(v):
         return "inf" if v > 0 else "-inf"
     return repr(float(v))
 
 
 def metrics_csv(results: list[CaseResult], names: list[str]) -> str:
-    """Tidy CSV: one row per case, class and metric (``inf`` written as ``inf``)."""
+    """Tidy CSV: one row per case, class and metric (``inf`` written as ``inf``); the
+    ``absent`` column is ``true`` for a class absent from the case (its values ``nan``)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case_id", "class", "metric", "value"])
+    w.writerow(["case_id", "class", "metric", "value", "absent"])
     for r in results:
         if r.error is not None:
             continue
         for name in names:
+            absent = "true" if name in r.absent else "false"
             for k, v in r.metrics.get(name, {}).items():
-                w.writerow([r.case_id, name, k, _fmt(v)])
+                w.writerow([r.case_id, name, k, _fmt(v), absent])
     return buf.getvalue()
 
 
 def case_score(r: CaseResult) -> float:
-    """Ranking key, worst first: failures, then the lowest mean Dice over classes."""
+    """Ranking key, worst first: failures, then the lowest mean Dice over the classes present
+    (1 when every class is absent: nothing disagrees)."""
     if r.error is not None or not r.metrics:
         return -1.0
-    return float(np.mean([m["dice"] for m in r.metrics.values()]))
+    dice = [m["dice"] for n, m in r.metrics.items() if n not in r.absent]
+    return float(np.mean(dice)) if dice else 1.0
 
 
 @dataclass
@@ -404,7 +459,7 @@ def parse_classes(
                     f"({', '.join(map(str, by_name)) or 'no names known without --manifest'})"
                 )
     elif names:
-        out = {n: [v] for v, n in sorted(names.items()) if v != 0}
+        out = {n: [v] for v, n in sorted(names.items())}
     regs = dict(manifest_regions or {})
     if regions:
         for part in [p.strip() for p in regions.split(";") if p.strip()]:
@@ -437,49 +492,149 @@ def evaluate_cohort(
 ) -> CohortResult:
     """Evaluate every pair and write ``metrics.csv``, ``summary.json``, ``report.html``.
 
-    Failures do not stop the others; they are returned in ``CohortResult.failures`` and listed
-    in the summary and report.
+    ``out_dir`` is checked for writing before any case is read and locked
+    (``medseg.atomic.folder_lock``) until the three files are written, together: a failure
+    while writing (disk full) leaves none of them, or the previous ones. Failures of cases do
+    not stop the others; they are returned in ``CohortResult.failures`` and listed in the
+    summary and report.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[CaseResult] = []
-    args = [(p, classes, tolerance_mm, resample_pred, discover) for p in pairs]
-    if workers > 1 and len(pairs) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(pairs))) as pool:
-            for i, r in enumerate(pool.map(_evaluate_star, args)):
-                results.append(r)
-                if progress:
-                    progress(i + 1, len(pairs))
-    else:
-        for i, a in enumerate(args):
-            results.append(_evaluate_star(a))
-            if progress:
-                progress(i + 1, len(pairs))
-    names = fill_absent_classes(results)
+    check_writable_folder(out_dir)
+    with folder_lock(out_dir, "medseg evaluate"):
+        args = [(p, classes, tolerance_mm, resample_pred, discover) for p in pairs]
+        results = _run_cases(args, workers, progress)
+        names = fill_absent_classes(results)
+        failures = {r.case_id: str(r.error) for r in results if r.error is not None}
+        summary = _summary(results, names, classes, discover, title, tolerance_mm, settings)
+        from medseg.report.html import render_report
+
+        ranked = sorted(results, key=case_score)
+        overlays = report_overlays(ranked, {p.case_id: p for p in pairs}, worst_n)
+        texts = (
+            metrics_csv(results, names),
+            json.dumps(_json_safe(summary), indent=2, default=str) + "\n",
+            render_report(summary, ranked, names, overlays),
+        )
+        _write_together(out_dir, dict(zip(OUTPUT_NAMES, texts, strict=True)))
+    return CohortResult(results, names, summary, failures)
+
+
+def _summary(
+    results: list[CaseResult],
+    names: list[str],
+    classes: dict[str, list[int]],
+    discover: bool,
+    title: str,
+    tolerance_mm: float,
+    settings: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The content of ``summary.json`` (non-finite floats still as floats)."""
+    ok = [r for r in results if r.error is None]
     failures = {r.case_id: str(r.error) for r in results if r.error is not None}
-    summary = {
+    values: dict[str, list[int] | None] = {n: classes.get(n) for n in names}
+    for r in ok:
+        for n, v in r.class_values.items():
+            values[n] = values.get(n) or v
+    absent_everywhere = [n for n in names if ok and all(n in r.absent for r in ok)]
+    return {
         "title": title,
         "n_cases": len(results),
-        "n_evaluated": len(results) - len(failures),
+        "n_evaluated": len(ok),
         "n_failed": len(failures),
         "failures": failures,
-        "classes": {n: classes.get(n) for n in names} if classes else {n: None for n in names},
+        "classes": values,
+        "classes_rule": classes_rule(discover, bool(classes)),
+        "absent_rule": ABSENT_RULE,
+        "absent_everywhere": absent_everywhere,
         "tolerance_mm": tolerance_mm,
         "settings": settings or {},
         "metrics": summarise(results, names),
     }
-    write_text(out_dir / "metrics.csv", metrics_csv(results, names))
-    write_json(out_dir / "summary.json", _json_safe(summary))
-    from medseg.report.html import render_report
 
-    ranked = sorted(results, key=case_score)
-    overlays = report_overlays(ranked, {p.case_id: p for p in pairs}, worst_n)
-    html = render_report(summary, ranked, names, overlays)
-    write_text(out_dir / "report.html", html)
-    return CohortResult(results, names, summary, failures)
+
+def classes_rule(discover: bool, named: bool) -> str:
+    """Which classes were scored, in one sentence for the summary and report."""
+    if discover:
+        found = (
+            "every non-zero label value found in the predictions or references (no --labels "
+            "and no manifest labels given); label value 0 is background and not scored"
+        )
+        return f"Classes scored: {found}" + (", plus the regions given." if named else ".")
+    return (
+        "Classes scored: the labels named by --labels or the manifest (label value 0 "
+        "included where it is named) and the regions given."
+    )
+
+
+def _run_cases(
+    args: list[tuple[EvalPair, dict[str, list[int]], float, bool, bool]],
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+) -> list[CaseResult]:
+    """``evaluate_pair`` of every case, in order; in ``workers`` processes when > 1. A case
+    whose worker process dies (killed, out of memory) is retried alone, so only the case that
+    kills its worker fails, named with that cause."""
+    n = len(args)
+    results: list[CaseResult | None] = [None] * n
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, n)
+
+    if workers > 1 and n > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, n)) as pool:
+            futures = {pool.submit(_evaluate_star, a): i for i, a in enumerate(args)}
+            for fut in as_completed(futures):
+                i = futures[fut]
+                with contextlib.suppress(BrokenProcessPool):  # retried alone below
+                    results[i] = _result_of(fut, args[i][0])
+                    tick()
+    for i, a in enumerate(args):
+        if results[i] is None:
+            results[i] = _evaluate_alone(a) if workers > 1 and n > 1 else _evaluate_star(a)
+            tick()
+    return [r for r in results if r is not None]
+
+
+def _result_of(fut: Any, pair: EvalPair) -> CaseResult:
+    """A worker's result, or its failure (an exception raised outside ``evaluate_pair``'s
+    own handling, e.g. while sending the result back). ``BrokenProcessPool`` propagates."""
+    try:
+        return fut.result()  # type: ignore[no-any-return]
+    except BrokenProcessPool:
+        raise
+    except Exception as exc:
+        return CaseResult(pair.case_id, error=failure_cause(exc))
+
+
+def _evaluate_alone(a: tuple[EvalPair, dict[str, list[int]], float, bool, bool]) -> CaseResult:
+    """One case in a worker process of its own: its death fails this case only."""
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(_evaluate_star, a)
+        try:
+            return _result_of(fut, a[0])
+        except BrokenProcessPool:
+            return CaseResult(
+                a[0].case_id,
+                error="the worker process evaluating this case died (killed, or out of "
+                "memory); rerun with fewer --workers or more memory",
+            )
 
 
 def _evaluate_star(a: tuple[EvalPair, dict[str, list[int]], float, bool, bool]) -> CaseResult:
     return evaluate_pair(*a)
+
+
+def _write_together(out_dir: Path, texts: dict[str, str]) -> None:
+    """Write every ``name: text`` to temporaries in ``out_dir`` first and rename them into
+    place only once all are written: a failure (disk full) leaves none of the new files, and
+    the previous ones untouched."""
+    with contextlib.ExitStack() as stack:
+        tmps = {name: stack.enter_context(atomic_path(out_dir / name)) for name in texts}
+        for name, text in texts.items():
+            tmps[name].write_bytes(text.encode("utf-8"))
 
 
 def _json_safe(obj: Any) -> Any:

@@ -28,8 +28,13 @@ table{border-collapse:collapse;margin:1em 0;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f0f0f0} td.l,th.l{text-align:left}
 .fail{background:#fde2e2} .bad{color:#b00}
-.plots img,.ov img{margin:4px;border:1px solid #ddd}
-.ov figure{display:inline-block;margin:6px}
+.plots img,.ov img{margin:4px;border:1px solid #ddd;vertical-align:top}
+.ov figure{margin:6px 0 18px 0} .ov figcaption{font-size:13px}
+.scroll{overflow-x:auto;max-width:100%}
+.scroll table{margin:0}
+.scroll td:first-child,.scroll th:first-child{position:sticky;left:0;z-index:1}
+.scroll td:first-child{background:#fff} .scroll tr.fail td:first-child{background:#fde2e2}
+.absent{color:#888;font-style:italic}
 """
 
 
@@ -43,6 +48,8 @@ def _num(v: Any, digits: int = 3) -> str:
         return "–"
     if isinstance(v, str):
         return html.escape(v)
+    if math.isnan(v):
+        return "–"
     if math.isinf(v):
         return "inf"
     return f"{v:.{digits}f}"
@@ -65,17 +72,19 @@ def _headline(summary: dict[str, Any], names: list[str]) -> str:
             if st["n_inf"]:
                 txt += f'<br><small class="bad">{st["n_inf"]} inf</small>'
             cells.append(f"<td>{txt}</td>")
-        any_st = next(
-            iter(metrics.get(n, {}).values()), {"n": 0, "n_empty_ref": 0, "n_empty_pred": 0}
+        st0: dict[str, Any] = next(iter(metrics.get(n, {}).values()), {})
+        counts = "".join(
+            f"<td>{st0.get(k, 0)}</td>" for k in ("n", "n_absent", "n_empty_ref", "n_empty_pred")
         )
-        rows.append(
-            f'<tr><td class="l">{html.escape(n)}</td><td>{any_st["n"]}</td>'
-            f"<td>{any_st['n_empty_ref']}</td><td>{any_st['n_empty_pred']}</td>{''.join(cells)}</tr>"
-        )
+        rows.append(f'<tr><td class="l">{html.escape(n)}</td>{counts}{"".join(cells)}</tr>')
     return (
-        '<table><tr><th class="l">class</th><th>n</th><th>empty ref</th><th>empty pred</th>'
-        f"{head}</tr>{''.join(rows)}</table>"
+        '<div class="scroll"><table><tr><th class="l">class</th><th>n</th><th>absent</th>'
+        f"<th>empty ref</th><th>empty pred</th>{head}</tr>{''.join(rows)}</table></div>"
     )
+
+
+def _present(r: Any, n: str, m: str) -> bool:
+    return n not in r.absent and m in r.metrics.get(n, {})
 
 
 def _plots(ranked: list[Any], names: list[str]) -> str:
@@ -84,60 +93,91 @@ def _plots(ranked: list[Any], names: list[str]) -> str:
     ok = [r for r in ranked if r.error is None]
     parts = []
     for m in ("dice", "hd95", "assd", "nsd", "vol_diff_ml"):
-        values = {n: [r.metrics[n][m] for r in ok if m in r.metrics.get(n, {})] for n in names}
-        if any(values.values()):
+        values = {n: [r.metrics[n][m] for r in ok if _present(r, n, m)] for n in names}
+        values = {n: v for n, v in values.items() if v}  # a class absent everywhere: no box
+        if values:
             parts.append(_img(box_strip_png(values, m, _UNITS.get(m, "")), f"{m} per class"))
     return f'<div class="plots">{"".join(parts)}</div>'
 
 
-def _case_table(ranked: list[Any], names: list[str]) -> str:
-    head = "".join(
-        f"<th>{html.escape(n)} dice</th><th>{html.escape(n)} HD95</th><th>{html.escape(n)} NSD</th>"
-        for n in names
-    )
+def _cell(r: Any, n: str, m: str, digits: int) -> str:
+    if n in r.absent:
+        return '<td class="absent">absent</td>'
+    return f"<td>{_num(r.metrics.get(n, {}).get(m), digits)}</td>"
+
+
+def _case_rows(ranked: list[Any], names: list[str], metrics: tuple[str, ...]) -> str:
     rows = []
     for r in ranked:
+        cid = f'<td class="l">{html.escape(r.case_id)}</td>'
         if r.error is not None:
             rows.append(
-                f'<tr class="fail"><td class="l">{html.escape(r.case_id)}</td>'
-                f'<td class="l" colspan="{3 * len(names) + 1}">FAILED: {html.escape(r.error)}'
-                "</td></tr>"
+                f'<tr class="fail">{cid}<td class="l" colspan="{len(metrics) * len(names) + 1}">'
+                f"FAILED: {html.escape(r.error)}</td></tr>"
             )
             continue
-        cells = []
-        for n in names:
-            m = r.metrics.get(n, {})
-            cells.append(
-                f"<td>{_num(m.get('dice'))}</td><td>{_num(m.get('hd95'), 2)}</td>"
-                f"<td>{_num(m.get('nsd'))}</td>"
-            )
-        mean = np.mean([m["dice"] for m in r.metrics.values()]) if r.metrics else float("nan")
-        rows.append(
-            f'<tr><td class="l">{html.escape(r.case_id)}</td><td>{_num(float(mean))}</td>'
-            f"{''.join(cells)}</tr>"
-        )
-    return f'<table><tr><th class="l">case</th><th>mean dice</th>{head}</tr>{"".join(rows)}</table>'
+        dice = [m["dice"] for n, m in r.metrics.items() if n not in r.absent]
+        mean = float(np.mean(dice)) if dice else None
+        cells = "".join(_cell(r, n, m, 2 if m in _UNITS else 3) for n in names for m in metrics)
+        rows.append(f"<tr>{cid}<td>{_num(mean)}</td>{cells}</tr>")
+    return "".join(rows)
+
+
+def _case_table(ranked: list[Any], names: list[str], metrics: tuple[str, ...]) -> str:
+    """Per-case table, one row per case and one column per class and metric, in a container
+    that scrolls sideways with the case column kept in view."""
+    label = {"dice": "Dice", "hd95": "HD95 [mm]", "nsd": "NSD"}
+    head = "".join(
+        f"<th>{html.escape(n)}{'' if metrics == ('dice',) else ' ' + label.get(m, m)}</th>"
+        for n in names
+        for m in metrics
+    )
+    title = "Dice per class" if metrics == ("dice",) else ""
+    return (
+        f'<div class="scroll"><table><tr><th class="l">case</th><th>mean Dice</th>{head}</tr>'
+        f"{_case_rows(ranked, names, metrics)}</table></div>"
+        + (f"<p><small>{title}; mean Dice over the classes present.</small></p>" if title else "")
+    )
 
 
 def _overlays(overlays: list[tuple[Any, Any]]) -> str:
-    """``(case result, OverlaySlice or why it is unavailable)`` pairs -> figures."""
+    """``(case result, Overlay or why it is unavailable)`` pairs -> one figure per case, a
+    picture per view."""
     from medseg.report.plots import overlay_png
+    from medseg.report.views import EDGES
 
     figs = []
     for r, ov in overlays:
         if isinstance(ov, str):
             figs.append(f"<p>{html.escape(r.case_id)}: overlay unavailable ({html.escape(ov)})</p>")
             continue
-        png = overlay_png(
-            ov.background,
-            ov.ref,
-            ov.pred,
-            f"{r.case_id} · {ov.name} · slice k={ov.k} · over {ov.what} · "
-            f"dice {r.metrics[ov.name]['dice']:.3f}",
-            aspect=ov.aspect,
+        imgs, where = [], []
+        for vs in ov.views:
+            png = overlay_png(vs.background, vs.ref, vs.pred, vs.view.aspect, EDGES[vs.view.plane])
+            imgs.append(_img(png, f"{r.case_id} {vs.view.plane}"))
+            if vs.view.plane != "image":
+                where.append(f"{vs.view.plane} slice {vs.view.index}")
+        caption = (
+            f"<b>{html.escape(r.case_id)}</b> · {html.escape(ov.name)} · Dice "
+            f"{r.metrics[ov.name]['dice']:.3f} · over {ov.what}"
+            + (f" · {', '.join(where)} (LPS voxel index)" if where else "")
+            + " · green: reference, red: prediction"
         )
-        figs.append(f"<figure>{_img(png, r.case_id + ' overlay')}</figure>")
+        figs.append(f"<figure>{''.join(imgs)}<figcaption>{caption}</figcaption></figure>")
     return f'<div class="ov">{"".join(figs)}</div>'
+
+
+def _rules(summary: dict[str, Any]) -> str:
+    """The sentences saying which classes were scored and what absent means."""
+    out = f"<p>{html.escape(summary.get('classes_rule', ''))} "
+    out += f"{html.escape(summary.get('absent_rule', ''))}</p>"
+    gone = summary.get("absent_everywhere") or []
+    if gone:
+        out += (
+            f'<p class="bad">Absent from every evaluated case (nothing to score: check the '
+            f"label values): {html.escape(', '.join(gone))}</p>"
+        )
+    return out
 
 
 def render_report(
@@ -168,13 +208,21 @@ def render_report(
 <h2>Headline</h2>
 <p>Mean ± std over cases with finite values; infinite distances (one mask empty) are counted
 apart. Boundary distances as MONAI, NSD as DeepMind surface-distance.</p>
+{_rules(summary)}
 {_headline(summary, names)}
 <h2>Distributions</h2>
 {_plots(ranked, names)}
 <h2>Worst cases</h2>
-<p>The slice with the most disagreeing voxels of each case's worst class.</p>
+<p>Each case's worst class. 2D images as an image viewer shows them (row 0 at the top); 3D
+scans in axial, coronal and sagittal views from the affine, in the radiological convention
+(axial and coronal: patient's right on the image's left; axial: anterior up; coronal and
+sagittal: superior up; sagittal: anterior on the left), each on the slice with the most
+disagreeing voxels.</p>
 {_overlays(overlays)}
 <h2>Per case (worst first)</h2>
-{_case_table(ranked, names)}
+{_case_table(ranked, names, ("dice",))}
+<details><summary>All metrics per case (Dice, HD95, NSD per class)</summary>
+{_case_table(ranked, names, ("dice", "hd95", "nsd"))}
+</details>
 </body></html>
 """

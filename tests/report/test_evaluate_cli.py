@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def test_evaluate_with_manifest_uses_label_names_regions_and_fov(tmp_path):
         == 0
     )
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["metrics"]) == {"organ", "lesion", "all"}
+    assert set(summary["metrics"]) == {"background", "organ", "lesion", "all"}
     assert summary["metrics"]["lesion"]["dice"]["mean"] == 1.0  # FOV hides the false positive
     assert "c1" in (out / "report.html").read_text()
 
@@ -213,3 +214,192 @@ def test_prediction_in_another_voxel_order_is_reordered_losslessly(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"]["1"]["dice"]["mean"] == 1.0
     assert summary["metrics"]["2"]["hd"]["mean"] == 0.0
+
+
+# -- classes: label 0 and absent classes ---------------------------------------------------------
+ISBI = Path(__file__).resolve().parents[2] / "data_manifests" / "isbi2012.json"
+
+
+def _isbi_root() -> Path:
+    import os
+
+    return Path(os.environ.get("MEDSEG_DATA", "/nonexistent"))
+
+
+@pytest.mark.skipif(
+    not (_isbi_root() / "isbi2012" / "labels").is_dir(), reason="ISBI 2012 data not present"
+)
+def test_isbi_manifest_scores_label_zero_membrane(tmp_path):
+    """ISBI 2012 names 0 = membrane, 255 = cell: both are scored, membrane Dice as numpy says."""
+    from PIL import Image
+
+    labels = _isbi_root() / "isbi2012" / "labels"
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for i in range(20, 25):
+        a = np.asarray(Image.open(labels / f"slice_{i}.png"))
+        Image.fromarray(np.roll(a, 3, axis=1) if i == 21 else a).save(preds / f"slice_{i}.png")
+    out = tmp_path / "rep"
+    code = _run(
+        ["evaluate", "--manifest", str(ISBI), "--split", "val", "--pred", str(preds)]
+        + ["--out", str(out), "--workers", "1", "--worst", "1"]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["metrics"]) == ["membrane", "cell"]
+    ref = np.asarray(Image.open(labels / "slice_21.png")) == 0
+    pred = np.roll(np.asarray(Image.open(labels / "slice_21.png")), 3, axis=1) == 0
+    expected = 2 * (ref & pred).sum() / (ref.sum() + pred.sum())
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    got = [
+        r
+        for r in rows
+        if (r["case_id"], r["class"], r["metric"]) == ("slice_21", "membrane", "dice")
+    ]
+    assert float(got[0]["value"]) == pytest.approx(expected)
+    assert summary["metrics"]["membrane"]["dice"]["min"] == pytest.approx(expected)
+    assert "label value 0 included" in (out / "report.html").read_text()
+
+
+def test_label_absent_everywhere_is_reported_absent_not_dice_one(cohort, capsys):
+    out = cohort / "rep"
+    args = ["evaluate", "--pred", str(cohort / "pred"), "--ref", str(cohort / "ref")]
+    assert _run([*args, "--out", str(out), "--labels", "1,9", "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "'9'" in warnings[0] and "absent" in warnings[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["absent_everywhere"] == ["9"]
+    assert summary["metrics"]["9"]["dice"]["mean"] is None
+    assert summary["metrics"]["9"]["dice"]["n_absent"] == summary["n_evaluated"] == 2
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["class"] == "9"]
+    assert rows and all(r["absent"] == "true" for r in rows)
+    assert {r["value"] for r in rows if r["metric"] == "dice"} == {"nan"}
+    html = (out / "report.html").read_text()
+    assert "absent from that case" in html and "never scored as Dice 1" in html
+    assert ">absent<" in html
+
+
+def test_class_absent_from_one_case_is_left_out_of_its_statistics(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    with_two, without_two = _labels(), _labels()
+    without_two[without_two == 2] = 0
+    shifted = with_two.copy()
+    shifted[shifted == 2] = 0
+    shifted[14:17, 13:17, 3:5] = 2  # class 2 moved by one voxel in case a
+    _save(tmp_path / "r" / "a.nii.gz", with_two)
+    _save(tmp_path / "p" / "a.nii.gz", shifted)
+    _save(tmp_path / "r" / "b.nii.gz", without_two)
+    _save(tmp_path / "p" / "b.nii.gz", without_two)
+    out = tmp_path / "rep"
+    args = ["evaluate", "--pred", str(tmp_path / "p"), "--ref", str(tmp_path / "r")]
+    assert _run([*args, "--out", str(out), "--workers", "1"]) == 0
+    st = json.loads((out / "summary.json").read_text())["metrics"]["2"]["dice"]
+    expected = M.dice(shifted == 2, with_two == 2)
+    assert st["n"] == 1 and st["n_absent"] == 1 and st["mean"] == pytest.approx(expected)
+    html = (out / "report.html").read_text()
+    assert "label value 0 is background and not scored" in html
+
+
+# -- faults: per-case exceptions, worker death, full disk, unwritable or busy output -------------
+def _evaluate_args(cohort: Path, out: Path, workers: int = 1) -> list[str]:
+    return ["evaluate", "--pred", str(cohort / "pred"), "--ref", str(cohort / "ref")] + [
+        "--out",
+        str(out),
+        "--labels",
+        "1,2",
+        "--workers",
+        str(workers),
+    ]
+
+
+def test_unexpected_exception_in_one_case_fails_that_case_only(cohort, monkeypatch, capsys):
+    from medseg.report import evaluate as ev
+
+    real = ev._read_label
+
+    def read(path):
+        if path.name.startswith("good1"):
+            raise MemoryError
+        return real(path)
+
+    monkeypatch.setattr(ev, "_read_label", read)
+    out = cohort / "rep"
+    assert _run(_evaluate_args(cohort, out)) == 1
+    err = capsys.readouterr().err
+    assert "good1: unexpected MemoryError" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_evaluated"] == 1 and "MemoryError" in summary["failures"]["good1"]
+    assert "MemoryError" in (out / "report.html").read_text()
+    assert "\ngood0," in (out / "metrics.csv").read_text()
+
+
+def test_a_killed_worker_loses_only_its_case(cohort, monkeypatch, capsys):
+    import os
+    import signal
+
+    from medseg.report import evaluate as ev
+
+    real = ev._read_label
+
+    def read(path):
+        if path.name.startswith("good1") and os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path)
+
+    parent = os.getpid()
+    monkeypatch.setattr(ev, "_read_label", read)  # workers are forked: they inherit it
+    out = cohort / "rep"
+    assert _run(_evaluate_args(cohort, out, workers=2)) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert "died" in summary["failures"]["good1"]
+    assert summary["n_evaluated"] == 1 and "\ngood0," in (out / "metrics.csv").read_text()
+
+
+def test_disk_full_while_writing_leaves_the_previous_outputs(cohort, monkeypatch, capsys):
+    import errno
+
+    out = cohort / "rep"
+    _run(_evaluate_args(cohort, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = Path.write_bytes
+
+    def full(self, data):
+        if "report.html" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    capsys.readouterr()
+    args = _evaluate_args(cohort, out)
+    args[args.index("1,2")] = "1"  # different content, so a partial write would show
+    assert _run(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk full" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    fresh = cohort / "fresh"
+    assert _run(_evaluate_args(cohort, fresh)) == 2
+    assert not fresh.exists() or not any(fresh.iterdir())  # no lone metrics.csv
+
+
+def test_unwritable_output_is_refused_before_any_case_is_read(cohort, monkeypatch, capsys):
+    from medseg.report import evaluate as ev
+
+    calls = []
+    monkeypatch.setattr(ev, "evaluate_pair", lambda *a: calls.append(a))
+    (cohort / "afile").write_text("x")
+    assert _run(_evaluate_args(cohort, cohort / "afile" / "rep")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "afile" in err[0] and calls == []
+
+
+def test_busy_output_folder_is_refused_in_one_line(cohort, capsys):
+    from medseg.atomic import folder_lock
+
+    out = cohort / "rep"
+    with folder_lock(out, "another evaluate"):
+        assert _run(_evaluate_args(cohort, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use" in err[0]
+    assert not (out / "metrics.csv").exists()

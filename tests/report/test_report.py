@@ -155,3 +155,60 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     assert "case0" in dom and "case1" in dom and "Per case" in dom
+
+
+BRATS_CLASSES = (
+    "background",
+    "necrosis",
+    "oedema",
+    "non-enhancing tumour",
+    "enhancing tumour",
+    "whole",
+    "core",
+)
+
+
+def test_box_plot_class_labels_do_not_overlap():
+    """Seven BraTS classes, some with infinite values counted in their label."""
+    from medseg.report.plots import box_strip_figure
+
+    values = {n: [0.5, 0.7, float("inf")] if i % 2 else [0.9] for i, n in enumerate(BRATS_CLASSES)}
+    plt, fig = box_strip_figure(values, "hd95", "mm")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels()]
+    plt.close(fig)
+    assert len(boxes) == 7
+    for a, b in zip(boxes, boxes[1:], strict=False):
+        assert not a.overlaps(b), (a, b)
+
+
+def test_wide_per_case_table_shows_one_dice_per_class_and_folds_the_rest():
+    from medseg.report.html import render_report
+
+    rng = np.random.default_rng(0)
+    m = rng.random((9, 9)) > 0.5
+    results = [
+        CaseResult(
+            f"case{i}",
+            {n: M.all_metrics(m, np.roll(m, i, 0), (1.0, 1.0)) for n in BRATS_CLASSES},
+            spacing=(1.0, 1.0),
+        )
+        for i in range(3)
+    ]
+    names = list(BRATS_CLASSES)
+    summary = {
+        "title": "t",
+        "n_cases": 3,
+        "n_evaluated": 3,
+        "failures": {},
+        "tolerance_mm": 2.0,
+        "metrics": summarise(results, names),
+    }
+    html = render_report(summary, results, names, [])
+    per_case = html[html.index("<h2>Per case") :]
+    main, details = per_case.split("<details>", 1)
+    header = main[main.index("<tr>") : main.index("</tr>")]
+    assert header.count("<th") == 2 + len(names)  # case, mean Dice, one Dice per class
+    assert 'class="scroll"' in main and "position:sticky" in html
+    assert "HD95" in details and "NSD" in details and "HD95" not in header
