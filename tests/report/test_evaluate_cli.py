@@ -220,20 +220,11 @@ def test_prediction_in_another_voxel_order_is_reordered_losslessly(tmp_path):
 ISBI = Path(__file__).resolve().parents[2] / "data_manifests" / "isbi2012.json"
 
 
-def _isbi_root() -> Path:
-    import os
-
-    return Path(os.environ.get("MEDSEG_DATA", "/nonexistent"))
-
-
-@pytest.mark.skipif(
-    not (_isbi_root() / "isbi2012" / "labels").is_dir(), reason="ISBI 2012 data not present"
-)
-def test_isbi_manifest_scores_label_zero_membrane(tmp_path):
+def test_isbi_manifest_scores_label_zero_membrane(tmp_path, data_root):
     """ISBI 2012 names 0 = membrane, 255 = cell: both are scored, membrane Dice as numpy says."""
     from PIL import Image
 
-    labels = _isbi_root() / "isbi2012" / "labels"
+    labels = data_root / "isbi2012" / "labels"
     preds = tmp_path / "preds"
     preds.mkdir()
     for i in range(20, 25):
