@@ -4,8 +4,9 @@ For every ``pipelines/*.toml``: the ``[plan] network`` with the data set's chann
 counts, one batch of the pipeline's ``batch_size`` input patches (``patch_output_size`` grown by
 the margin), channels-last as training runs on the CPU, and one training step as the loop takes
 it (AdamW/SGD, cross-entropy, gradient clipping). Prints seconds per step (median of
-``--repeats`` runs of ``--steps`` steps after ``--warmup`` steps) in float32 and in bf16
-autocast, and the CPU model with its bf16/AMX flags, as a Markdown table.
+``--repeats`` runs of ``--steps`` steps after ``--warmup`` steps, the two precisions
+alternating) in float32 and in bf16 autocast, and the CPU model with its bf16/AMX flags, as a
+Markdown table.
 
 Network only: the patch sampling and augmentation run in a DataLoader worker beside it during
 training, and validation adds its own minutes; use the figure to compare precisions and to size
@@ -36,8 +37,15 @@ from medseg.runinfo import cpu_info  # noqa: E402
 DATASETS = {"drive": (3, 2), "isbi2012": (1, 2), "brats2013": (2, 5)}
 
 
-def _step_seconds(pipeline: Path, bf16: bool, steps: int, warmup: int, repeats: int) -> float:
-    """Median seconds per training step of ``pipeline``'s network."""
+def _step_seconds(pipeline: Path, steps: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per training step of ``pipeline``'s network in float32 and bf16
+    autocast: wall clock (``f32``, ``bf16``) and this process's CPU time divided by the
+    threads (``f32_cpu``, ``bf16_cpu``).
+
+    The two precisions alternate within each repeat, so a change in the machine's load
+    between repeats moves both alike. On a machine shared with other jobs the wall clock
+    grows with their load; the CPU time per thread stays near the wall clock of an idle
+    machine (an estimate: threads that wait also spin)."""
     pipe = load_pipeline(pipeline)
     in_ch, out_ch = DATASETS[pipe.name]
     kw = dict(pipe.plan["network"])
@@ -54,7 +62,7 @@ def _step_seconds(pipeline: Path, bf16: bool, steps: int, warmup: int, repeats: 
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def step() -> None:
+    def step(bf16: bool) -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = net(x)
@@ -63,15 +71,19 @@ def _step_seconds(pipeline: Path, bf16: bool, steps: int, warmup: int, repeats: 
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    times = []
+    times: dict[str, list[float]] = {"f32": [], "bf16": [], "f32_cpu": [], "bf16_cpu": []}
+    threads = torch.get_num_threads()
+    for bf16 in (False, True):
+        for _ in range(warmup):
+            step(bf16)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
+        for bf16, key in ((False, "f32"), (True, "bf16")):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                step(bf16)
+            times[key].append((time.perf_counter() - t0) / steps)
+            times[f"{key}_cpu"].append((time.process_time() - c0) / steps / threads)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,15 +98,21 @@ def main(argv: list[str] | None = None) -> None:
     info = cpu_info()
     print(f"CPU: {info['model']}; flags: {', '.join(info['flags']) or 'no bf16/AMX'}; "
           f"torch {torch.__version__}, {args.threads} threads")  # fmt: skip
-    print("| pipeline | network | s/step float32 | s/step bf16 | bf16 / float32 |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| pipeline | network | s/step float32 | s/step bf16 | bf16 / float32 | "
+        "CPU-s/step/thread float32 | CPU-s/step/thread bf16 |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.pipelines:
         toml = REPO / "pipelines" / f"{name}.toml"
         net = load_pipeline(toml).plan["network"]
-        f32 = _step_seconds(toml, False, args.steps, args.warmup, args.repeats)
-        b16 = _step_seconds(toml, True, args.steps, args.warmup, args.repeats)
+        t = _step_seconds(toml, args.steps, args.warmup, args.repeats)
         desc = f"depth {net['depth']}, base {net['base_channels']}"
-        print(f"| {name} | {desc} | {f32:.3f} | {b16:.3f} | {b16 / f32:.2f}x |", flush=True)
+        print(
+            f"| {name} | {desc} | {t['f32']:.3f} | {t['bf16']:.3f} | "
+            f"{t['bf16'] / t['f32']:.2f}x | {t['f32_cpu']:.3f} | {t['bf16_cpu']:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
