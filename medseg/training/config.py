@@ -37,8 +37,8 @@ class TrainConfig:
     (``train_summary.json``); it never shapes the schedule, and ``--resume`` continues the
     planned steps. ``region_dice`` takes the Dice terms of
     the loss over the plan's regions (the manifest's ``regions``) instead of single classes.
-    ``amp`` trains under bf16 autocast where :func:`medseg.runtime.bf16_autocast` finds it
-    measured faster (CUDA with native bf16, CPUs with AMX).
+    ``amp`` trains under bf16 autocast where :func:`medseg.runtime.bf16_autocast` finds native
+    bf16 (measured faster there).
     """
 
     epochs: int = 50
