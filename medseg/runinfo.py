@@ -1,9 +1,10 @@
 """What a training run folder says about how its training went (no torch).
 
-``train_summary.json`` records steps done and planned, what stopped the run ("steps" or
-"time budget"), seconds, the CPU (model name and bf16/AMX flags), the torch version and the
-precision. :func:`early_stop_warning` reads it back, so ``medseg infer`` can say that a model
-was cut short by the time budget without importing torch.
+``train_summary.json`` records steps done and planned, what stopped the run ("steps",
+"time budget", or "stop_after_epochs" for the library's programmatic stop), seconds, the CPU
+(model name and bf16/AMX flags), the torch version and the precision.
+:func:`early_stop_warning` reads it back, so ``medseg infer`` can say that a model was cut
+short without importing torch.
 """
 
 from __future__ import annotations
@@ -51,18 +52,24 @@ def stop_message(steps_done: int, steps_planned: int) -> str:
 
 
 def early_stop_warning(run_folder: str | os.PathLike[str]) -> str | None:
-    """A one-line warning when the model in ``run_folder`` was stopped by the time budget
-    before its planned steps, else None (also None for a folder without a readable
-    ``train_summary.json``, such as a model folder made before summaries existed)."""
+    """A one-line warning when the model in ``run_folder`` stopped before its planned steps
+    (by the time budget, or any other stop), else None (also None for a folder without a
+    readable ``train_summary.json``, such as a model folder made before summaries existed)."""
     path = Path(run_folder) / SUMMARY_NAME
     try:
         s = json.loads(path.read_text(encoding="utf-8"))
-        if s.get("stopped_by") != STOPPED_BY_TIME:
-            return None
+        stopped_by = s.get("stopped_by")
         done, planned = int(s["steps_done"]), int(s["steps_planned"])
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
+    if stopped_by == STOPPED_BY_STEPS or done >= planned:
+        return None
+    what = (
+        stop_message(done, planned)
+        if stopped_by == STOPPED_BY_TIME
+        else f"stopped at step {done} of {planned}"
+    )
     return (
-        f"{run_folder}: model {stop_message(done, planned)}; it is not the pipeline's recipe "
+        f"{run_folder}: model {what}; it is not the pipeline's recipe "
         "(resume it with medseg train --resume to finish)"
     )

@@ -27,6 +27,12 @@ def test_warning_names_the_step_and_the_plan_when_the_time_budget_stopped_the_ru
     assert "\n" not in msg
 
 
+def test_warning_for_a_run_stopped_short_by_the_library(tmp_path: Path) -> None:
+    run = _summary(tmp_path / "r", steps_done=8, steps_planned=16, stopped_by="stop_after_epochs")
+    msg = early_stop_warning(run)
+    assert msg is not None and "stopped at step 8 of 16" in msg
+
+
 def test_no_warning_for_a_finished_run_or_a_folder_without_summary(tmp_path: Path) -> None:
     done = _summary(tmp_path / "d", steps_done=4000, steps_planned=4000, stopped_by="steps")
     assert early_stop_warning(done) is None
