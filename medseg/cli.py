@@ -617,10 +617,10 @@ def train(
         "manifest's own train/val split). Default: [train] fold, else 0.",
     ),
     epochs: int | None = typer.Option(
-        None, "--epochs", min=1, help="Total epochs (overrides [train] epochs and steps)."
+        None, "--epochs", min=1, help="Total epochs (overrides \\[train] epochs and steps)."
     ),
     steps: int | None = typer.Option(
-        None, "--steps", min=1, help="Total optimiser steps (overrides [train] steps, epochs)."
+        None, "--steps", min=1, help="Total optimiser steps (overrides \\[train] steps, epochs)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from checkpoint_last.pt."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
@@ -636,7 +636,7 @@ def train(
     time_budget: float | None = typer.Option(
         None,
         "--time-budget",
-        help="Optional cap, in minutes, on this invocation (overrides [train] "
+        help="Optional cap, in minutes, on this invocation (overrides \\[train] "
         "time_budget_minutes); it stops training early, never changes the schedule.",
     ),
 ) -> None:
