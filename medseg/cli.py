@@ -605,8 +605,13 @@ def preprocess(
         "infer[/bold], and scored by Dice per class.",
         "The run folder receives plan.json, pipeline.toml, model.pt (weights only; the best "
         'validation epoch unless \\[train] select = "last"), checkpoint_last.pt, '
-        "checkpoint_best.pt, train_log.csv, training.json and postprocessing.json. All writes "
-        "are atomic: an interrupted run resumes with --resume.",
+        "checkpoint_best.pt, train_log.csv, training.json, train_summary.json and "
+        "postprocessing.json. All writes are atomic and the folder is locked while training "
+        "writes it (a second train on it is refused). A run resumed with --resume after any "
+        "stop (a kill, the time cap) ends with the weights of an uninterrupted run.",
+        "Length: \\[train] steps, else epochs x iterations_per_epoch optimiser steps; the "
+        "learning rate follows the step, never the clock. --time-budget only caps the wall "
+        "clock: a run it stops says 'stopped by the time budget at step N of M'.",
         "Folds: a seeded 5-fold split is saved once as splits.json in the preprocessed folder; "
         "--fold all trains on every case without validation; --fold manifest uses the "
         "manifest's own train/val split.",
@@ -625,7 +630,10 @@ def train(
         "manifest's own train/val split). Default: [train] fold, else 0.",
     ),
     epochs: int | None = typer.Option(
-        None, "--epochs", min=1, help="Total epochs (overrides [train] epochs)."
+        None, "--epochs", min=1, help="Total epochs (overrides \\[train] epochs and steps)."
+    ),
+    steps: int | None = typer.Option(
+        None, "--steps", min=1, help="Total optimiser steps (overrides \\[train] steps, epochs)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from checkpoint_last.pt."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
@@ -639,11 +647,12 @@ def train(
         None, "--workers", min=0, help="DataLoader worker processes (overrides [train])."
     ),
     time_budget: float | None = typer.Option(
-        None, "--time-budget", help="Minutes for the whole training (overrides [train])."
+        None,
+        "--time-budget",
+        help="Optional cap, in minutes, on this invocation (overrides \\[train] "
+        "time_budget_minutes); it stops training early, never changes the schedule.",
     ),
 ) -> None:
-    import os
-
     from medseg import heap
     from medseg.config import check_plan_overrides, load_pipeline
     from medseg.training import train as run_training
@@ -664,6 +673,7 @@ def train(
             out,
             fold=fold,
             epochs=epochs,
+            steps=steps,
             resume=resume,
             device=device,
             deterministic=deterministic,
@@ -671,13 +681,8 @@ def train(
             overrides=overrides,
             log=lambda msg: console.print(msg, highlight=False),
         )
-    best = "n/a" if result.best_dice is None else f"{result.best_dice:.4f}"
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
-        return
-    print(
-        f"{out}: {result.epochs_done} epochs, {result.steps_done} steps, "
-        f"best validation Dice {best}"
-    )
+    if result.rank == 0:  # under torchrun only rank 0 reports
+        print(result.message)
 
 
 def _trains_on_cpu(device: str) -> bool:

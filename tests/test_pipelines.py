@@ -154,8 +154,10 @@ def test_pipeline_train_preprocess_and_infer_sections_accepted(name: str) -> Non
     loss = SegmentationLoss(cfg.loss)
     # a loss on border weight maps needs preprocessing to write them
     assert not loss.needs_weights or opts.border_weights is not None
-    # finishes within the 30-minute CPU budget of issue 9
-    assert cfg.time_budget_minutes is not None and cfg.time_budget_minutes <= 30
+    # the recipe's length is its steps, stated with the measured minutes in the comments; a
+    # wall-clock cap is no part of it (it would make the model depend on the machine)
+    assert cfg.time_budget_minutes is None
+    assert f"{cfg.total_steps:,} steps" in pipe.text
     dims = load_pipeline(REPO / "pipelines" / f"{name}.toml").plan["spatial_dims"]
     assert _flip_sets(pipe.infer.get("tta", "none"), dims)  # a value `medseg infer` accepts
     assert set(pipe.infer) <= {"tta"}

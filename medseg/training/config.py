@@ -15,19 +15,35 @@ _SWITCHES = (
 )  # fmt: skip
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """``[train]`` options of a pipeline TOML (defaults: nnU-Net's where it has one).
 
-    ``time_budget_minutes`` bounds the whole training (all resumed runs together): the poly
-    schedule then follows whichever of steps and time runs out first, and training stops early
-    enough to leave time for the final validation. ``region_dice`` takes the Dice terms of
+    Training length is the recipe, in optimiser steps: ``steps`` when given, else ``epochs x
+    iterations_per_epoch`` (:attr:`total_steps`); the poly learning-rate schedule follows the
+    step alone, never the clock, so the same recipe gives the same model on any machine. An
+    epoch is ``iterations_per_epoch`` steps (the last one shorter when ``steps`` is not a
+    multiple): validation, the log row and the checkpoint come at its end.
+    ``time_budget_minutes`` is an optional cap on one invocation's wall clock: it stops training
+    early (leaving time for the final validation) and the run says so
+    (``train_summary.json``); it never shapes the schedule, and ``--resume`` continues the
+    planned steps. ``region_dice`` takes the Dice terms of
     the loss over the plan's regions (the manifest's ``regions``) instead of single classes.
-    ``amp`` trains under bf16 autocast where :func:`bf16_autocast` finds native bf16.
+    ``amp`` trains under bf16 autocast where :func:`medseg.runtime.bf16_autocast` finds native
+    bf16 (measured faster there).
     """
 
     epochs: int = 50
     iterations_per_epoch: int = 250
+    steps: int | None = None
     batch_size: int = 2
     optimizer: str = "sgd"
     lr: float | None = None
@@ -64,6 +80,14 @@ class TrainConfig:
         for name in ("epochs", "iterations_per_epoch", "batch_size", "val_every"):
             if int(getattr(self, name)) < 1:
                 raise PlanError(f"[train] {name} must be >= 1")
+        if self.steps is not None and not _whole(self.steps):
+            raise PlanError(f"[train] steps = {self.steps!r} must be a whole number >= 1")
+        budget = self.time_budget_minutes
+        if budget is not None and not (_number(budget) and budget > 0):
+            raise PlanError(
+                f"[train] time_budget_minutes = {self.time_budget_minutes!r} must be > 0 "
+                "(leave it out for no cap)"
+            )
         if self.workers < 0:
             raise PlanError("[train] workers must be >= 0")
         for name in _SWITCHES:
@@ -91,6 +115,18 @@ class TrainConfig:
             return cls(**kw)
         except TypeError as exc:
             raise PlanError(f"[train]: {exc}") from exc
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole training: ``steps``, else epochs x iterations."""
+        if self.steps is not None:
+            return int(self.steps)
+        return int(self.epochs) * int(self.iterations_per_epoch)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of :attr:`total_steps` (the last one may be shorter)."""
+        return -(-self.total_steps // int(self.iterations_per_epoch))
 
     @property
     def learning_rate(self) -> float:

@@ -4,6 +4,7 @@ collectives the loop needs (every helper is a no-op in a single process)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,53 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group set up by ``torchrun`` (env ``WORLD_SIZE`` > 1), else no-op."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+#: what ``torchrun`` (and ``torch.multiprocessing`` launchers) set besides ``WORLD_SIZE``: the
+#: process group can only be joined with all of them
+_GROUP_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _world_size(env: Mapping[str, str]) -> int:
+    try:
+        return int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def launched_as_group(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is one rank of a launched group: ``WORLD_SIZE`` > 1 together with
+    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (all of which ``torchrun``
+    sets). A stray ``WORLD_SIZE`` alone is not a group."""
+    env = os.environ if env is None else env
+    return _world_size(env) > 1 and all(env.get(k) for k in _GROUP_ENV)
+
+
+def launch_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank as its launcher set it (0 outside a launched group), known before
+    the process group is joined."""
+    env = os.environ if env is None else env
+    if not launched_as_group(env):
+        return 0
+    try:
+        return int(env["RANK"])
+    except ValueError:
+        return 0
+
+
+def init_distributed(device: torch.device, warn: Callable[[str], None] | None = None) -> DistInfo:
+    """Join the process group set up by ``torchrun`` (:func:`launched_as_group`), else no-op.
+
+    A ``WORLD_SIZE`` > 1 without the rest of the launcher's environment is ignored, with one
+    line to ``warn``: joining would wait for ranks that were never started."""
+    world = _world_size(os.environ)
     if world <= 1:
+        return DistInfo()
+    if not launched_as_group():
+        missing = [k for k in _GROUP_ENV if not os.environ.get(k)]
+        if warn is not None:
+            warn(
+                f"warning: WORLD_SIZE={os.environ['WORLD_SIZE']} is ignored (no "
+                f"{', '.join(missing)}: not started by torchrun); training in one process"
+            )
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

@@ -6,13 +6,23 @@ gradient-norm clipping at 12, foreground oversampling of 1/3 of each batch, a fi
 iterations per epoch. Validation (:mod:`medseg.training.validation`) segments every validation
 case whole and reports Dice per class.
 
+Length: the recipe's optimiser steps (:attr:`TrainConfig.total_steps`); the learning rate
+follows the step alone. ``time_budget_minutes`` only caps an invocation's wall clock, and a run
+it stops says so in the log, the result and ``train_summary.json``.
+
 Reproducibility: every batch is drawn from its own generator ``(seed, rank, step)`` (see
-:mod:`medseg.training.data`), so a checkpoint's step counter is the whole sampler state. In
-deterministic mode, 2 epochs + resume + 2 epochs give the same weights as 4 epochs in one go.
+:mod:`medseg.training.data`), so a checkpoint's step counter is the whole sampler state; the
+checkpoint at the end of each epoch also holds the weights, the optimiser and the Python,
+numpy and torch generators as the last step left them (validation runs between, and its use
+of the generators is undone, so it cannot move training). In deterministic mode a run resumed
+from any checkpoint, whatever stopped it (a kill, the time cap, a clean stop), ends with the
+same weights as one run in one go: a kill between checkpoints replays the steps since the last.
 
 Run folder (``out_dir``): ``pipeline.toml`` (copy), ``plan.json``, ``model.pt`` (plain state
 dict, ``torch.load(weights_only=True)``), ``checkpoint_last.pt`` and ``checkpoint_best.pt``,
-``train_log.csv``, ``training.json``, ``postprocessing.json``. Everything is written by rank 0
+``train_log.csv``, ``training.json``, ``train_summary.json`` (:mod:`medseg.runinfo`),
+``postprocessing.json``. The folder is locked (:func:`medseg.atomic.folder_lock`) while
+training writes it. Everything is written by rank 0
 through ``medseg.atomic``.
 
 Phases pass values, not long parameter lists: :class:`~medseg.training.setup.Run` (fixed for
@@ -23,6 +33,7 @@ saves).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,6 +49,13 @@ from torch.utils.data import DataLoader
 from medseg import atomic
 from medseg.config import Pipeline
 from medseg.errors import ModelError
+from medseg.runinfo import (
+    STOPPED_BY_STEPS,
+    STOPPED_BY_TIME,
+    SUMMARY_NAME,
+    cpu_info,
+    stop_message,
+)
 from medseg.runtime import bf16_autocast
 from medseg.training.checkpoint import (
     CHECKPOINT_BEST,
@@ -55,6 +73,7 @@ from medseg.training.distributed import (
     barrier,
     broadcast_flag,
     broadcast_float,
+    launch_rank,
     sync_buffers,
 )
 from medseg.training.setup import Learner, Run, build_learner, setup_run
@@ -65,24 +84,32 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass
 class TrainResult:
-    """What a training run produced (``model`` is the unwrapped network, last weights)."""
+    """What a training run produced (``model`` is the unwrapped network, last weights).
+
+    ``message`` is the one line a command prints last: the steps done, and "stopped by the
+    time budget at step N of M" when the cap ended the run; ``rank`` is this process's."""
 
     run_dir: Path
     model: nn.Module
     epochs_done: int
     steps_done: int
+    steps_planned: int
     best_dice: float | None
     stopped_by_budget: bool
     log: list[dict[str, Any]]
+    message: str = ""
+    rank: int = 0
 
 
 @dataclass(frozen=True)
 class _Loop:
-    """What the epochs of this invocation run on; ``budget`` in seconds."""
+    """What the epochs of this invocation run on: steps up to ``end_step`` (of ``total``
+    planned); ``budget`` in seconds of this invocation."""
 
     net: nn.Module
     loader: DataLoader
-    end_epoch: int
+    end_step: int
+    total: int
     autocast: bool
     budget: float | None
     writer: Any
@@ -90,7 +117,9 @@ class _Loop:
 
 @dataclass
 class _State:
-    """The run's progress: what a checkpoint saves and a resume restores."""
+    """The run's progress: what a checkpoint saves and a resume restores. ``epoch`` is the
+    epoch the last step lies in (an epoch cut short by the time cap is finished on resume and
+    logs a second row under the same number)."""
 
     epoch: int = 0
     step: int = 0
@@ -105,7 +134,11 @@ class _State:
 
     def elapsed(self) -> float:
         """Seconds of training so far, resumed runs included."""
-        return self.elapsed_before + time.perf_counter() - self.t_start
+        return self.elapsed_before + self.this_run()
+
+    def this_run(self) -> float:
+        """Seconds of training in this invocation."""
+        return time.perf_counter() - self.t_start
 
 
 def train(
@@ -114,6 +147,7 @@ def train(
     *,
     fold: int | str | None = None,
     epochs: int | None = None,
+    steps: int | None = None,
     resume: bool = False,
     device: str = "auto",
     deterministic: bool | None = None,
@@ -125,8 +159,14 @@ def train(
 ) -> TrainResult:
     """Train one model (one fold) into ``out_dir``; see the module docstring.
 
-    ``stop_after_epochs`` ends this invocation after that many epochs (as if interrupted; the
-    schedule still aims at ``epochs``), so a later ``resume=True`` continues it.
+    ``epochs`` / ``steps`` override the recipe's length (``epochs`` then counts, not a
+    ``[train] steps``). ``stop_after_epochs`` ends this invocation after that many epochs (as
+    if interrupted; the schedule still aims at the planned steps), so a later ``resume=True``
+    continues it.
+
+    ``out_dir`` is checked for writability before anything is built and locked while training
+    writes it (rank 0): a second ``train`` on it raises :class:`~medseg.errors.LockError`
+    naming the holder.
 
     Process-wide state: the global Python, numpy and torch generators are seeded from the
     config's ``seed`` before the network is initialised (a resume then restores them from the
@@ -134,9 +174,15 @@ def train(
     flags are set from ``deterministic`` while training runs and restored when it returns or
     raises. The allocator (:mod:`medseg.heap`) is left alone: the CLI opts in.
     """
-    with deterministic_flags_restored():
+    atomic.check_writable_folder(out_dir)
+    lock = (
+        atomic.folder_lock(out_dir, "medseg train")
+        if launch_rank() == 0
+        else contextlib.nullcontext()
+    )
+    with lock, deterministic_flags_restored():
         run = setup_run(
-            pipeline, out_dir, fold=fold, epochs=epochs, device=device,
+            pipeline, out_dir, fold=fold, epochs=epochs, steps=steps, device=device,
             deterministic=deterministic, prep_dir=prep_dir, overrides=overrides, log=log,
         )  # fmt: skip
         learner = build_learner(run)
@@ -145,10 +191,11 @@ def train(
         loop = _prepare_loop(run, learner, state, stop_after_epochs)
         state.t_start = time.perf_counter()
         _run_epochs(run, learner, state, loop, progress and run.info.is_main)
-        _finish(run, learner, state, loop)
+        message = _finish(run, learner, state, loop)
     return TrainResult(
-        run.out, learner.model, state.epoch, state.step, state.best, state.stopped, state.rows
-    )
+        run.out, learner.model, state.epoch, state.step, loop.total, state.best, state.stopped,
+        state.rows, message, run.info.rank,
+    )  # fmt: skip
 
 
 # -- resume or start ---------------------------------------------------------------------------
@@ -204,15 +251,15 @@ def _prepare_loop(
         run.prep, run.train_ids, run.sampling, run.augment, cfg.batch_size, cfg.seed, info.rank,
         with_weights=learner.loss_fn.needs_weights,
     )  # fmt: skip
-    end_epoch = (
-        cfg.epochs
-        if stop_after_epochs is None
-        else min(cfg.epochs, state.epoch + stop_after_epochs)
-    )
+    total = cfg.total_steps
+    end_step = total
+    if stop_after_epochs is not None:
+        ipe = cfg.iterations_per_epoch
+        end_step = min(total, (state.step // ipe + stop_after_epochs) * ipe)
     loader = DataLoader(
         dataset,
         batch_size=None,
-        sampler=StepRange(state.step, end_epoch * cfg.iterations_per_epoch),
+        sampler=StepRange(state.step, end_step),
         num_workers=cfg.workers,
         pin_memory=dev.type == "cuda",
         prefetch_factor=4 if cfg.workers > 0 else None,
@@ -224,7 +271,8 @@ def _prepare_loop(
     return _Loop(
         net=net,
         loader=loader,
-        end_epoch=end_epoch,
+        end_step=end_step,
+        total=total,
         autocast=cfg.amp and bf16_autocast(dev),
         budget=cfg.time_budget_minutes * 60.0 if cfg.time_budget_minutes else None,
         writer=_tensorboard(run.out) if (cfg.tensorboard and info.is_main) else None,
@@ -232,19 +280,20 @@ def _prepare_loop(
 
 
 def _run_epochs(run: Run, learner: Learner, state: _State, loop: _Loop, show: bool) -> None:
-    """Epochs until ``loop.end_epoch`` or the time budget, under a progress bar."""
+    """Epochs until ``loop.end_step`` or the time cap, under a progress bar."""
     bar = _progress(show)
-    ipe = run.cfg.iterations_per_epoch
     with bar:
         batches = iter(loop.loader)
-        task = bar.add_task("train", total=(loop.end_epoch - state.epoch) * ipe, loss=float("nan"))
+        task = bar.add_task("train", total=loop.end_step - state.step, loss=float("nan"))
 
         def advance(loss: float) -> None:
             bar.update(task, advance=1, loss=loss)
 
-        while state.epoch < loop.end_epoch and not state.stopped:
+        while state.step < loop.end_step and not state.stopped:
             _epoch(run, learner, state, loop, batches, advance)
     del batches
+    if state.stopped:
+        run.say(f"{run.out}: {stop_message(state.step, loop.total)}")
 
 
 def _epoch(
@@ -255,11 +304,14 @@ def _epoch(
     batches: Iterator[Batch],
     advance: Callable[[float], None],
 ) -> None:
-    """One epoch of steps, then validation (when due), the log row and the checkpoint."""
+    """The steps to the end of the current epoch (the rest of it after a resume from a cut
+    short one), then validation (when due), the log row and the checkpoint."""
     loop.net.train()
     t_epoch, wait, losses = time.perf_counter(), 0.0, []
     lr = 0.0
-    for _ in range(run.cfg.iterations_per_epoch):
+    ipe = run.cfg.iterations_per_epoch
+    epoch_end = min((state.step // ipe + 1) * ipe, loop.end_step)
+    while state.step < epoch_end:
         t0 = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t0
@@ -269,7 +321,7 @@ def _epoch(
         if _out_of_time(state, loop, run.info):
             state.stopped = True
             break
-    state.epoch += 1
+    state.epoch = -(-state.step // ipe)  # the epoch the last step lies in
     # DDP broadcasts rank 0's buffers (batch-norm statistics) before each forward; do it
     # once more so every rank ends the epoch with the model rank 0 validates and saves
     sync_buffers(learner.model, run.info)
@@ -283,14 +335,18 @@ def _epoch(
         "data_wait_fraction": round(wait / max(seconds, 1e-9), 4),
         "iterations_per_second": round(len(losses) / max(seconds, 1e-9), 3),
     }
-    _validate_epoch(run, learner, state, row, last=state.epoch == loop.end_epoch or state.stopped)
+    # the generators as the steps left them: validation must not move them, so that training
+    # continues (here, or after a resume from this checkpoint) from the same state either way
+    rng = rng_state()
+    _validate_epoch(run, learner, state, row, last=state.step == loop.end_step or state.stopped)
+    set_rng_state(rng)
     state.val_seconds = broadcast_float(state.val_seconds, run.info)
     state.rows.append(row)
     if loop.writer is not None:
         for k, val in row.items():
             if isinstance(val, (int, float)) and k != "epoch":
                 loop.writer.add_scalar(k, val, state.epoch)
-    _save_checkpoint(run, learner, state)
+    _save_checkpoint(run, learner, state, rng)
     barrier(run.info)
 
 
@@ -302,10 +358,8 @@ def _step(
     x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=learner.fmt)
     y = batch["label"].to(dev, non_blocking=True)
     w = batch["weights"].to(dev, non_blocking=True) if "weights" in batch else None
-    progress_frac = state.step / (cfg.epochs * cfg.iterations_per_epoch)
-    if loop.budget:
-        progress_frac = max(progress_frac, state.elapsed() / loop.budget)
-    lr = _poly(cfg.learning_rate, progress_frac, cfg.poly_exponent)
+    # the schedule follows the step alone: the same recipe gives the same model on any machine
+    lr = _poly(cfg.learning_rate, state.step / loop.total, cfg.poly_exponent)
     for g in learner.opt.param_groups:
         g["lr"] = lr
     learner.opt.zero_grad(set_to_none=True)
@@ -325,11 +379,11 @@ def _step(
 
 
 def _out_of_time(state: _State, loop: _Loop, info: DistInfo) -> bool:
-    """Whether the time budget leaves no room for another step plus the final validation (rank
-    0 decides, so every rank stops at the same step)."""
-    if not loop.budget:
+    """Whether this invocation's time cap leaves no room for another step plus the final
+    validation (rank 0 decides, so every rank stops at the same step)."""
+    if not loop.budget or state.step >= loop.end_step:
         return False
-    return broadcast_flag(state.elapsed() + 1.2 * state.val_seconds + 5 > loop.budget, info)
+    return broadcast_flag(state.this_run() + 1.2 * state.val_seconds + 5 > loop.budget, info)
 
 
 def _poly(lr0: float, progress: float, exponent: float) -> float:
@@ -369,9 +423,9 @@ def _validate_epoch(
     )
 
 
-def _save_checkpoint(run: Run, learner: Learner, state: _State) -> None:
-    """``checkpoint_last.pt``, ``train_log.csv`` and, without best-epoch selection,
-    ``model.pt`` (rank 0)."""
+def _save_checkpoint(run: Run, learner: Learner, state: _State, rng: dict[str, Any]) -> None:
+    """``checkpoint_last.pt`` (with ``rng``, the generators after the epoch's last step),
+    ``train_log.csv`` and, without best-epoch selection, ``model.pt`` (rank 0)."""
     if not run.info.is_main:
         return
     cfg = run.cfg
@@ -386,7 +440,7 @@ def _save_checkpoint(run: Run, learner: Learner, state: _State) -> None:
         "fold": str(cfg.fold),
         "train_cases": run.train_ids,
         "val_cases": run.val_ids,
-        "rng": rng_state(),
+        "rng": rng,
         "sampler": {"seed": cfg.seed, "world_size": run.info.world_size, "step": state.step},
         "config": {k: v for k, v in asdict(cfg).items() if v is not None},
         "log": state.rows,
@@ -400,20 +454,50 @@ def _save_checkpoint(run: Run, learner: Learner, state: _State) -> None:
 
 
 # -- finish ----------------------------------------------------------------------------------------
-def _finish(run: Run, learner: Learner, state: _State, loop: _Loop) -> None:
-    """model.pt, the postprocessing decision (when training finished) and training.json."""
+def _finish(run: Run, learner: Learner, state: _State, loop: _Loop) -> str:
+    """model.pt, the postprocessing decision (when training finished), training.json and
+    train_summary.json; returns the line a command prints last."""
     cfg, out = run.cfg, run.out
     if run.info.is_main:
         if cfg.select == "best" and run.val_ids and not (out / "model.pt").exists():
             weights = {k: t.cpu() for k, t in learner.model.state_dict().items()}
             save_torch(out / "model.pt", weights)
-        finished = state.epoch >= cfg.epochs or state.stopped
+        finished = state.step >= loop.total or state.stopped
         if finished and cfg.postprocess and run.val_ids:
             _write_postprocessing(run, state)
         atomic.write_json(out / "training.json", _training_record(run, state, loop.autocast))
+        atomic.write_json(out / SUMMARY_NAME, _summary(state, loop))
     if loop.writer is not None:
         loop.writer.close()
     barrier(run.info)
+    best = "n/a" if state.best is None else f"{state.best:.4f}"
+    done = (
+        stop_message(state.step, loop.total)
+        if state.stopped
+        else f"{state.step} of {loop.total} steps"
+    )
+    return f"{out}: {done} ({state.epoch} epochs), best validation Dice {best}"
+
+
+def _summary(state: _State, loop: _Loop) -> dict[str, Any]:
+    """``train_summary.json``: how far the run got, what stopped it, on which CPU and torch."""
+    if state.stopped:
+        stopped_by = STOPPED_BY_TIME
+    elif state.step >= loop.total:
+        stopped_by = STOPPED_BY_STEPS
+    else:  # the library's stop_after_epochs: resumed later with --resume
+        stopped_by = "stop_after_epochs"
+    cpu = cpu_info()
+    return {
+        "steps_done": state.step,
+        "steps_planned": loop.total,
+        "stopped_by": stopped_by,
+        "seconds": round(state.elapsed(), 1),
+        "cpu": cpu["model"],
+        "cpu_flags": cpu["flags"],
+        "torch": torch.__version__,
+        "precision": "bf16 autocast" if loop.autocast else "float32",
+    }
 
 
 def _write_postprocessing(run: Run, state: _State) -> None:
@@ -446,6 +530,7 @@ def _training_record(run: Run, state: _State, autocast: bool) -> dict[str, Any]:
         "val_cases": run.val_ids,
         "epochs_done": state.epoch,
         "steps_done": state.step,
+        "steps_planned": run.cfg.total_steps,
         "best_val_dice_mean": state.best,
         "stopped_by_time_budget": state.stopped,
         "seconds": round(state.elapsed(), 1),

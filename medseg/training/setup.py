@@ -69,23 +69,32 @@ def setup_run(
     *,
     fold: int | str | None,
     epochs: int | None,
+    steps: int | None = None,
     device: str,
     deterministic: bool | None,
     prep_dir: str | os.PathLike[str] | None,
     overrides: Mapping[str, Any] | None,
     log: Callable[[str], None] | None,
 ) -> Run:
-    """Config, device, process group, deterministic flags, plan and the fold's cases."""
+    """Config, device, process group, deterministic flags, plan and the fold's cases.
+
+    An explicit ``epochs`` (``--epochs``) replaces a ``[train] steps`` of the pipeline: the
+    length asked for on the command line is the one trained."""
+    table = {**pipeline.train, **(overrides or {})}
+    if epochs is not None and steps is None:
+        table.pop("steps", None)
     cfg = TrainConfig.from_dict(
-        {**pipeline.train, **(overrides or {})},
+        table,
         epochs=epochs,
+        steps=steps,
         fold=fold,
         deterministic=deterministic if deterministic else None,
     )
     prep = Path(prep_dir) if prep_dir is not None else pipeline.prep_dir
     if prep is None:
         raise PlanError(f"{pipeline.path}: no prep_dir in the pipeline; pass --prep DIR")
-    dev, info = _device(device)
+    say = log if log is not None else (lambda _m: None)
+    dev, info = _device(device, say)
     set_deterministic(cfg.deterministic)
     plan = Plan.load(prep / "plan.json")
     train_ids, val_ids = _fold_ids(cfg, pipeline, prep, info)
@@ -101,18 +110,18 @@ def setup_run(
         val_ids=val_ids,
         sampling=SamplingConfig(plan.patch_output_size, plan.margin, cfg.foreground_fraction),
         augment=AugmentConfig.from_dict(cfg.augment),
-        say=log if (log is not None and info.is_main) else (lambda _m: None),
+        say=say if info.is_main else (lambda _m: None),
     )
 
 
-def _device(device: str) -> tuple[torch.device, DistInfo]:
+def _device(device: str, warn: Callable[[str], None]) -> tuple[torch.device, DistInfo]:
     """The training device (cpu or cuda; under ``torchrun`` on CUDA, this rank's GPU)."""
     dev = resolve_device(device)
     if dev.type not in ("cpu", "cuda"):
         raise ModelError(
             f"--device {device}: training runs on cpu or cuda; use one of them or auto"
         )
-    info = init_distributed(dev)
+    info = init_distributed(dev, warn)
     if info.enabled and dev.type == "cuda":
         dev = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(dev)

@@ -16,13 +16,13 @@ from medseg.preprocess.plan import ChannelPlan, Plan
 DEPTH = 2
 
 
-def tiny_plan() -> Plan:
+def tiny_plan(dropout: float = 0.0) -> Plan:
     m = shapes.margin(DEPTH)
     out = shapes.valid_output_size(12, DEPTH)
     net = dict(
         spatial_dims=2, in_channels=1, out_channels=2, depth=DEPTH, base_channels=4,
         channel_multiplier=2, convs_per_level=2, upsampling="transpose", norm="batch",
-        dropout=0.0,
+        dropout=dropout,
     )  # fmt: skip
     return Plan(
         spatial_dims=2, channels=[ChannelPlan("x")], label_values=[0, 255],
@@ -31,14 +31,17 @@ def tiny_plan() -> Plan:
     )  # fmt: skip
 
 
-def write_synthetic_cache(prep: Path, n: int = 5, weights: bool = True) -> Plan:
-    """Cases written by the cache's own writer (image, label, weights, locations, record)."""
+def write_synthetic_cache(
+    prep: Path, n: int = 5, weights: bool = True, dropout: float = 0.0
+) -> Plan:
+    """Cases written by the cache's own writer (image, label, weights, locations, record);
+    ``dropout`` goes into the plan's network (the U-Net's dropout at the bottom)."""
     from medseg.preprocess.cache import sample_locations, write_case
     from medseg.preprocess.pipeline import CaseRecord
     from medseg.volume import Box, Grid
 
     rng = np.random.default_rng(0)
-    plan = tiny_plan()
+    plan = tiny_plan(dropout)
     prep.mkdir(parents=True)
     plan.save(prep / "plan.json")
     grid = Grid.from_spacing((40, 36, 1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,17 @@ def test_training_writes_a_run_folder_that_inference_loads(prep: Path, tmp_path:
 
     loaded = load_model(out)
     assert loaded.plan.network == tiny_plan().network
+
+
+def test_cpu_trains_under_bf16_where_its_flags_say_native_bf16() -> None:
+    """AMX or AVX512-BF16 (both measured faster under bf16 autocast, docs/benchmarks.md)."""
+    from medseg.runinfo import cpu_info
+
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = cpu_info()["flags"]
+    native = "amx_tile" in flags or "avx512_bf16" in flags
+    assert bf16_autocast(torch.device("cpu")) == native
 
 
 def test_bf16_autocast_keeps_float32_weights_and_follows_the_float32_run(
@@ -130,6 +142,50 @@ def test_time_budget_stops_early_and_still_writes_a_usable_run(prep: Path, tmp_p
     assert res.stopped_by_budget and res.epochs_done == 1 and res.steps_done == 1
     assert (out / "model.pt").is_file()
     assert json.loads((out / "training.json").read_text())["stopped_by_time_budget"] is True
+    assert res.message.endswith("stopped by the time budget at step 1 of 200 (1 epochs), "
+                                f"best validation Dice {res.best_dice:.4f}")  # fmt: skip
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["stopped_by"] == "time budget"
+    assert (summary["steps_done"], summary["steps_planned"]) == (1, 200)
+    assert summary["torch"] == torch.__version__ and summary["precision"] in (
+        "float32",
+        "bf16 autocast",
+    )
+    from medseg.runinfo import cpu_info, early_stop_warning
+
+    assert summary["cpu"] == cpu_info()["model"] and summary["cpu_flags"] == cpu_info()["flags"]
+    warning = early_stop_warning(out)
+    assert warning is not None and "stopped by the time budget at step 1 of 200" in warning
+
+
+def test_learning_rate_follows_the_step_alone_with_or_without_a_time_cap(
+    prep: Path, tmp_path: Path
+) -> None:
+    """The poly schedule ``lr0 (1 - step / total)^0.9`` of the recipe's steps: a time cap
+    that ends the run does not move it (the logged lr is the epoch's last step's)."""
+    pipe = synthetic_pipeline(prep, steps=6, lr=0.02, optimizer="adamw")
+    full = train(pipe, tmp_path / "full", device="cpu", progress=False)
+    assert full.steps_done == 6 and full.steps_planned == 6
+    assert [r["step"] for r in full.log] == [4, 6]  # epochs of 4 steps, the last one shorter
+    assert [r["lr"] for r in full.log] == pytest.approx(
+        [0.02 * (1 - 3 / 6) ** 0.9, 0.02 * (1 - 5 / 6) ** 0.9]
+    )
+    summary = json.loads((tmp_path / "full" / "train_summary.json").read_text())
+    assert summary["stopped_by"] == "steps" and summary["steps_done"] == 6
+    from medseg.runinfo import early_stop_warning
+
+    assert early_stop_warning(tmp_path / "full") is None
+    capped = train(pipe, tmp_path / "capped", device="cpu", progress=False,
+                   overrides={"time_budget_minutes": 1e-6})  # fmt: skip
+    assert capped.stopped_by_budget and capped.log[0]["lr"] == pytest.approx(0.02)
+
+
+def test_epochs_on_the_command_line_replace_the_recipes_steps(prep: Path, tmp_path: Path) -> None:
+    pipe = synthetic_pipeline(prep, steps=100)
+    res = train(pipe, tmp_path / "r", epochs=1, device="cpu", progress=False)
+    assert res.steps_done == res.steps_planned == 4
+    res = train(pipe, tmp_path / "s", steps=3, device="cpu", progress=False)
+    assert res.steps_done == res.steps_planned == 3
 
 
 def test_fold_all_trains_on_every_case_without_validation(prep: Path, tmp_path: Path) -> None:
@@ -236,6 +292,80 @@ def test_cli_train_runs_and_resumes(prep: Path, tmp_path: Path, capsys) -> None:
         assert exc.value.code == 0
     assert torch.load(tmp_path / "r" / CHECKPOINT_LAST, weights_only=True)["epoch"] == 2
     assert (tmp_path / "r" / "pipeline.toml").read_text() == toml.read_text()
+
+
+def test_cli_train_says_last_that_the_time_budget_stopped_it(prep: Path, tmp_path: Path,
+                                                             capsys) -> None:  # fmt: skip
+    from medseg.cli import main
+
+    toml = tmp_path / "p.toml"
+    toml.write_text(f'name = "s"\nprep_dir = "{prep}"\n[train]\nsteps = 50\nworkers = 0\n'
+                    "iterations_per_epoch = 5\n")  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--pipeline", str(toml), "--out", str(tmp_path / "r"), "--device", "cpu",
+              "--time-budget", "1e-6"])  # fmt: skip
+    assert exc.value.code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "stopped by the time budget at step 1 of 50" in last
+
+
+def _wait_for_lock(out: Path, proc: subprocess.Popen) -> dict:
+    """The lock file's content once ``proc`` holds the folder (or fail if it died first)."""
+    import time
+
+    lock = out / ".medseg.lock"
+    while proc.poll() is None:
+        try:
+            info = json.loads(lock.read_text())
+            if info.get("pid") == proc.pid:
+                return info
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"first train exited ({proc.returncode}) before holding the lock")
+
+
+def test_a_second_train_on_the_same_folder_is_refused_naming_the_holder(
+    prep: Path, tmp_path: Path
+) -> None:
+    """Two real processes: the second gets one line naming the first (its pid), exit 2, and
+    the first keeps training undisturbed."""
+    import signal
+    import sys
+
+    toml = tmp_path / "p.toml"
+    toml.write_text(f'name = "s"\nprep_dir = "{prep}"\n[train]\nsteps = 1000000\n'
+                    "workers = 0\n")  # fmt: skip
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "medseg.cli", "train", "--pipeline", str(toml), "--out",
+           str(out), "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for_lock(out, first)
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        assert first.poll() is None  # still training
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2
+    err = second.stderr.strip().splitlines()
+    assert len(err) == 1 and f"pid {first.pid}" in err[0] and "medseg train" in err[0], err
+    assert "Traceback" not in second.stderr
+
+
+def test_train_refuses_an_unwritable_output_before_building_anything(
+    prep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg.errors import WriteError
+    from medseg.training import loop
+
+    blocker = tmp_path / "file"  # a file where the run folder's parent should be
+    blocker.write_text("x")
+    monkeypatch.setattr(loop, "setup_run", lambda *a, **k: pytest.fail("built a run"))
+    with pytest.raises(WriteError, match="is not a folder"):
+        train(synthetic_pipeline(prep), blocker / "run", epochs=1, device="cpu", progress=False)
 
 
 # -- real data (slow) ------------------------------------------------------------------------------
