@@ -1127,13 +1127,19 @@ def evaluate(
 )
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for data, run and report."),
-    budget_minutes: float = typer.Option(
-        5.0, "--budget-minutes", min=0.2, help="Training time budget in minutes."
+    steps: int = typer.Option(
+        800, "--steps", min=1, help="Training steps (the recipe: the same on every machine)."
+    ),
+    budget_minutes: float | None = typer.Option(
+        None,
+        "--budget-minutes",
+        min=0.2,
+        help="Optional cap on the training wall clock, in minutes (stops early, says so).",
     ),
 ) -> None:
     from medseg.demo import run_demo
 
-    result = run_demo(out, budget_minutes=budget_minutes)
+    result = run_demo(out, steps=steps, budget_minutes=budget_minutes)
     print(
         f"demo finished in {result.seconds / 60:.1f} min: mean Dice {result.mean_dice:.3f} on "
         f"the held-out cases, {result.dicom_dice:.3f} on the DICOM case"

@@ -31,15 +31,14 @@ patch_output_size = [40, 40, 24]
 workers = 2
 
 [train]
-epochs = {epochs}
+steps = {steps}
 iterations_per_epoch = 25
 batch_size = 2
 optimizer = "adamw"
 lr = 3e-3
 val_every = 4
 workers = 1
-time_budget_minutes = {budget}
-"""
+{cap}"""
 
 
 @dataclass(frozen=True)
@@ -165,10 +164,23 @@ def _mean_dice(summary: dict) -> float:
     return sum(values) / len(values)
 
 
+#: Training steps of the demo: the recipe is steps, so every machine trains the same model.
+DEMO_STEPS = 800
+
+
 def run_demo(
-    out: Path, *, cases: int = 24, val: int = 6, budget_minutes: float = 5.0, seed: int = 0
+    out: Path,
+    *,
+    cases: int = 24,
+    val: int = 6,
+    steps: int = DEMO_STEPS,
+    budget_minutes: float | None = None,
+    seed: int = 0,
 ) -> DemoResult:
-    """Run the demo in ``out`` (created; an existing demo there is replaced step by step)."""
+    """Run the demo in ``out`` (created; an existing demo there is replaced step by step).
+
+    ``steps`` optimiser steps of training; ``budget_minutes`` optionally caps its wall clock
+    (a capped run says so and trains fewer steps)."""
     from medseg.demo_data import make_case, write_dataset, write_dicom_series
     from medseg.manifest import load_manifest
     from medseg.report.evaluate import pairs_from_manifest, pairs_from_paths, parse_classes
@@ -186,7 +198,10 @@ def run_demo(
     atomic.write_text(
         pipeline,
         _PIPELINE.format(
-            manifest=manifest, prep=out / "prep", epochs=200, budget=float(budget_minutes)
+            manifest=manifest,
+            prep=out / "prep",
+            steps=int(steps),
+            cap="" if budget_minutes is None else f"time_budget_minutes = {budget_minutes}\n",
         ),
     )
     run, pred, report = out / "run", out / "pred", out / "report"

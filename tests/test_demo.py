@@ -14,7 +14,7 @@ from medseg.metrics import dice
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_learns(tmp_path: Path) -> None:
-    result = run_demo(tmp_path / "demo", cases=8, val=2, budget_minutes=1.0)
+    result = run_demo(tmp_path / "demo", cases=8, val=2, steps=200)
     summary = json.loads((tmp_path / "demo" / "report" / "summary.json").read_text())
     assert summary["n_evaluated"] == 2 and summary["n_failed"] == 0
     assert result.report.is_file() and "demo_007" in result.report.read_text()
