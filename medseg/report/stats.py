@@ -10,8 +10,8 @@ Per label value: ``voxels`` (count), ``volume_ml`` (count times the voxel volume
 ``stop`` along I, J, K), ``bbox_min_mm``/``bbox_max_mm`` (per world axis the smallest and
 largest RAS+ coordinate of its voxel centres: the axis-aligned box around the centres),
 ``centroid_mm`` (mean RAS+ position of its voxel centres) and per input channel the ``mean``
-and ``sd`` (population standard deviation, ``ddof = 0``) of the voxel values inside it. A label with no
-voxel has zero count and volume and ``None`` elsewhere.
+and ``sd`` (population standard deviation, ``ddof = 0``) of the voxel values inside it.
+A label with no voxel has zero count and volume and ``None`` elsewhere.
 """
 
 from __future__ import annotations
