@@ -134,12 +134,23 @@ def infer(
     }
     _check_infer_paths(volume, output)
     loaded, heap_kw = _load_for_infer(model, device, precision)
+    _warn_if_cut_short(model)
     kw.update(heap_kw)
     if volume:
         _infer_one(volume, series, loaded, output, kw)
         return
     cases = _infer_cases(input_dir, manifest, data_root, split, loaded.plan.in_channels)
     _infer_cohort(cases, shard, loaded, output, overwrite, suffix, series, kw)
+
+
+def _warn_if_cut_short(model: Path) -> None:
+    """One warning line when the model folder's training stopped before its recipe's steps
+    (the time cap, a kill): such a model is not the one the pipeline describes."""
+    from medseg.runinfo import early_stop_warning
+
+    warning = early_stop_warning(model)
+    if warning is not None:
+        console.print(f"medseg: warning: {warning}", highlight=False, soft_wrap=True)
 
 
 def _infer_tta(model: Path, tta: str | None) -> str | None:
