@@ -4,7 +4,7 @@ The tiled forward pass (:mod:`medseg.inference.tiled`) needs a module with ``net
 plan's settings), ``margin`` and a forward from a float32 tile batch to its logits. The
 ``torch`` engine is the U-Net itself; the ``onnxruntime`` engine is
 :class:`OnnxRuntimeNetwork`, a module without parameters that hands each batch to an
-onnxruntime session of the graph :func:`medseg.model.export.export_onnx` wrote. Tiles, their
+onnxruntime InferenceSession of the graph :func:`medseg.model.export.export_onnx` wrote. Tiles, their
 mirroring, stitching and restoring are the same code for both, so only the arithmetic of the
 network itself differs (float32 rounding).
 """
@@ -57,14 +57,14 @@ class OnnxRuntimeNetwork(nn.Module):
         opts.intra_op_num_threads = int(threads or torch.get_num_threads())
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # warnings about unused initialisers are not the user's
-        self.session = ort.InferenceSession(
+        self._runtime = ort.InferenceSession(
             str(path), sess_options=opts, providers=["CPUExecutionProvider"]
         )
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_name = self._runtime.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        (out,) = self.session.run(None, {self.input_name: feed})
+        (out,) = self._runtime.run(None, {self.input_name: feed})
         return torch.from_numpy(out)
 
 
