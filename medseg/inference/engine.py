@@ -4,9 +4,9 @@ The tiled forward pass (:mod:`medseg.inference.tiled`) needs a module with ``net
 plan's settings), ``margin`` and a forward from a float32 tile batch to its logits. The
 ``torch`` engine is the U-Net itself; the ``onnxruntime`` engine is
 :class:`OnnxRuntimeNetwork`, a module without parameters that hands each batch to an
-onnxruntime InferenceSession of the graph :func:`medseg.model.export.export_onnx` wrote. Tiles, their
-mirroring, stitching and restoring are the same code for both, so only the arithmetic of the
-network itself differs (float32 rounding).
+onnxruntime ``InferenceSession`` of the graph :func:`medseg.model.export.export_onnx` wrote.
+Tiles, their mirroring, stitching and restoring are the same code for both, so only the
+arithmetic of the network itself differs (float32 rounding).
 """
 
 from __future__ import annotations
