@@ -254,16 +254,20 @@ def budget_trainer(budget_s: float) -> type:
     over them. Stopping it early would leave the rate high, so this subclass runs short epochs
     (``ITERATIONS_PER_EPOCH``) and after each one sets ``num_epochs`` (and the poly schedule's
     end) to the epochs that fit in the budget at the mean epoch time so far (setting up
-    included): the schedule reaches zero when the budget ends, on whatever machine. It
-    overshoots the budget by at most one epoch. Nothing in nnU-Net is changed."""
+    included): the schedule runs out when the budget does, on whatever machine. Within an
+    epoch it stops at the first step past the budget (then validates and saves as nnU-Net
+    does). Nothing in nnU-Net is changed."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class BudgetTrainer(nnUNetTrainer):  # type: ignore[misc,valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+        # nnUNetTrainer records its own arguments by name: the same signature
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cpu")) -> None:  # fmt: skip
+            super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_iterations_per_epoch = ITERATIONS_PER_EPOCH
             self.num_val_iterations_per_epoch = max(1, ITERATIONS_PER_EPOCH // 5)
+            self.steps_done = 0
 
         def run_training(self) -> None:
             t0 = time.perf_counter()
@@ -271,22 +275,24 @@ def budget_trainer(budget_s: float) -> type:
             while self.current_epoch < self.num_epochs:
                 self.on_epoch_start()
                 self.on_train_epoch_start()
-                outs = [
-                    self.train_step(next(self.dataloader_train))
-                    for _ in range(self.num_iterations_per_epoch)
-                ]
+                outs = []
+                for _ in range(self.num_iterations_per_epoch):
+                    outs.append(self.train_step(next(self.dataloader_train)))
+                    if time.perf_counter() - t0 >= budget_s:  # the cap, within an epoch
+                        break
                 self.on_train_epoch_end(outs)
                 with torch.no_grad():
                     self.on_validation_epoch_start()
-                    val = [
-                        self.validation_step(next(self.dataloader_val))
-                        for _ in range(self.num_val_iterations_per_epoch)
-                    ]
+                    val = [self.validation_step(next(self.dataloader_val))
+                           for _ in range(self.num_val_iterations_per_epoch)]  # fmt: skip
                     self.on_validation_epoch_end(val)
                 self.on_epoch_end()
+                self.steps_done += len(outs)
                 elapsed = time.perf_counter() - t0
                 fit = int(budget_s / (elapsed / self.current_epoch))
-                self.num_epochs = max(self.current_epoch, fit)
+                self.num_epochs = (
+                    self.current_epoch if elapsed >= budget_s else max(self.current_epoch + 1, fit)
+                )
                 self.lr_scheduler.max_steps = max(self.num_epochs, 1)
             self.on_train_end()
 
@@ -321,6 +327,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     prep = a.work / "preprocessed" / name
     plans = json.loads((prep / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((prep / "dataset.json").read_text())
+    plans["continue_training"] = False  # what nnU-Net's run_training sets (a fresh start)
     trainer = budget_trainer(a.budget_seconds)(
         plans, a.config, "all", dataset_json, device=torch.device("cpu")
     )
@@ -330,7 +337,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     info.update(
         train_seconds=round(time.perf_counter() - t, 1),
         epochs=trainer.current_epoch,
-        steps=trainer.current_epoch * trainer.num_iterations_per_epoch,
+        steps=trainer.steps_done,
         batch_size=cfg.batch_size,
         patch_size=list(cfg.patch_size),
         configuration=a.config,
