@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import CohortError, MedsegError, ReadError, WriteError
-from medseg.inference.case import CasePrediction, predict_case
+from medseg.inference.case import predict_case
 from medseg.inference.model_folder import LoadedModel
+from medseg.inference.outputs import (
+    OutputSpec,
+    case_output,
+    check_case_input,
+    write_outputs,
+    write_prediction,
+)
+from medseg.inference.outputs import probabilities_path as probabilities_path  # re-exported
 from medseg.io import split_suffix
 from medseg.volume import Volume
 
@@ -34,12 +42,6 @@ def output_suffix(first_input: Path, suffix: str | None = None) -> str:
     if s in (".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".bmp"):
         return ".png"
     return ".nii.gz"
-
-
-def probabilities_path(output: Path) -> Path:
-    """Where ``--save-probabilities`` writes: ``<stem>_probabilities.nii.gz`` beside the labels."""
-    stem, _ = split_suffix(output)
-    return output.with_name(f"{stem}_probabilities.nii.gz")
 
 
 @dataclass(frozen=True)
@@ -106,22 +108,6 @@ def read_case(paths: Sequence[Path], series: str | None = None) -> list[Volume]:
     return vols
 
 
-def write_prediction(pred: CasePrediction, output: Path) -> list[Path]:
-    """Write labels (and probabilities when present) atomically; returns the paths written."""
-    from medseg.io import write_volume
-
-    if not output.parent.is_dir():
-        raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
-    written = []
-    if pred.probabilities is not None:
-        pp = probabilities_path(output)
-        write_volume(pred.probabilities, pp)
-        written.append(pp)
-    write_volume(pred.labels, output)
-    written.append(output)
-    return written
-
-
 def run_cohort(
     cases: Sequence[CaseInput],
     loaded: LoadedModel,
@@ -131,23 +117,34 @@ def run_cohort(
     suffix: str | None = None,
     series: str | None = None,
     on_case: Callable[[str, str], None] | None = None,
+    outputs: OutputSpec | None = None,
     **predict_kw: Any,
 ) -> dict[str, str]:
-    """Segment every case into ``output_dir/<case_id><suffix>``; skip finished cases unless
-    ``overwrite``. Bad cases are collected; ``CohortError`` lists them at the end.
+    """Segment every case into ``output_dir/<case_id><suffix>`` (or as ``outputs`` says, see
+    :func:`medseg.inference.outputs.case_output`); skip finished cases unless ``overwrite``.
+    Bad cases are collected; ``CohortError`` lists them at the end.
     Returns ``{case_id: "done" | "skipped"}``."""
     if not output_dir.is_dir():
         raise WriteError(f"{output_dir}: output folder does not exist; create it first")
     status: dict[str, str] = {}
     failures: dict[str, str] = {}
     for case in cases:
-        out = output_dir / f"{case.case_id}{output_suffix(case.images[0], suffix)}"
+        fmt = None if outputs is None else outputs.format
+        out = case_output(output_dir, case.case_id, fmt, output_suffix(case.images[0], suffix))
         if out.exists() and not overwrite:
             status[case.case_id] = "skipped"
         else:
             try:
-                pred = predict_case(read_case(case.images, series), loaded, **predict_kw)
-                write_prediction(pred, out)
+                if outputs is None:
+                    pred = predict_case(read_case(case.images, series), loaded, **predict_kw)
+                    write_prediction(pred, out)
+                else:
+                    check_case_input(case.images, outputs.format, series)
+                    images = read_case(case.images, series)
+                    pred = predict_case(images, loaded, **predict_kw)
+                    write_outputs(
+                        pred, images, case.images, out, loaded.plan, outputs, series=series
+                    )
                 status[case.case_id] = "done"
             except MedsegError as exc:
                 failures[case.case_id] = str(exc)
