@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
 
     from medseg.inference.cohort import CaseInput
     from medseg.inference.model_folder import LoadedModel
+    from medseg.inference.outputs import OutputSpec
     from medseg.inference.tiled import TileLayout
 
 
@@ -30,6 +33,29 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ModelError(f"--tile-size {text!r}: expected voxels, e.g. 96 or 96,96,64")
     return int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts)
+
+
+_FORMAT = typer.Option(
+    None,
+    "--format",
+    help="nifti, nrrd, dicom-seg or rtstruct (default: from --output's suffix, .dcm = "
+    "dicom-seg; cohorts: the input's). DICOM outputs need DICOM series as inputs.",
+)
+_FRACTIONAL = typer.Option(
+    False, "--fractional", help="DICOM-SEG: FRACTIONAL segments from the class probabilities."
+)
+_STATS = typer.Option(
+    False,
+    "--stats",
+    help="Also write NAME_stats.json (per label: voxels, mL, RAS+ box and centroid in mm, "
+    "channel mean/sd); a cohort also stats.csv.",
+)
+_ENGINE = typer.Option(
+    "torch", "--engine", help="torch, or onnxruntime (CPU; runs the model folder's model.onnx)."
+)
+_ONNX = typer.Option(
+    None, "--onnx", help="--engine onnxruntime: the exported graph (default MODEL/model.onnx)."
+)
 
 
 @app.command(
@@ -53,11 +79,17 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
         "--tile-size forces it. Labels are streamed tile by tile into one integer array "
         "(memory-mapped to a temporary file when large); probabilities are kept only with "
         "--save-probabilities (written as NAME_probabilities.nii.gz).",
+        "Outputs: a label image (NIfTI, NRRD, ...), or of a DICOM input a DICOM-SEG (.dcm "
+        "output or --format dicom-seg; --fractional for probabilities) or an RT Structure Set "
+        "(--format rtstruct) referencing its images; cohort cases are CASE_seg.dcm / "
+        "CASE_rtstruct.dcm. --stats adds structure statistics. --engine onnxruntime runs the "
+        "graph of medseg export.",
         "Examples:\n\n"
         "  medseg infer --volume scan.nii.gz --model runs/ct --output pred.nii.gz\n\n"
         "  medseg infer --volume flair.nii.gz --volume t1c.nii.gz --model runs/brats "
         "--output pred.nii.gz --tta flip\n\n"
-        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --shard 0/4",
+        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --shard 0/4\n\n"
+        "  medseg infer --volume study/dicom/ --model runs/ct --output result.dcm --stats",
     ),
 )
 def infer(
@@ -113,6 +145,11 @@ def infer(
     suffix: str | None = typer.Option(
         None, "--suffix", help="Cohort output suffix (default: the input's, .nii.gz for DICOM)."
     ),
+    fmt: str | None = _FORMAT,
+    fractional: bool = _FRACTIONAL,
+    stats: bool = _STATS,
+    engine: str = _ENGINE,
+    onnx: Path | None = _ONNX,
 ) -> None:
     from medseg.errors import ReadError
     from medseg.runtime import parse_bytes
@@ -125,22 +162,65 @@ def infer(
     if len(modes) != 1:
         raise ReadError("give exactly one of --volume, --input-dir or --manifest")
     tta_axes = _infer_tta(model, tta)
+    spec = _output_spec(model, output, fmt, fractional, stats, save_probabilities, not volume)
     kw: dict[str, Any] = {
         "tile_size": _parse_tile_size(tile_size),
         "max_memory": None if max_memory is None else parse_bytes(max_memory),
         "tta": tta_axes,
-        "save_probabilities": save_probabilities,
+        "save_probabilities": spec.needs_probabilities,
         "precision": precision,
     }
     _check_infer_paths(volume, output)
+    if volume:
+        from medseg.inference.outputs import check_case_input
+
+        check_case_input(volume, spec.format, series)
     loaded, heap_kw = _load_for_infer(model, device, precision)
+    loaded = _with_engine(loaded, engine, onnx, device)
     _warn_if_cut_short(model)
     kw.update(heap_kw)
     if volume:
-        _infer_one(volume, series, loaded, output, kw)
+        _infer_one(volume, series, loaded, output, spec, kw)
         return
     cases = _infer_cases(input_dir, manifest, data_root, split, loaded.plan.in_channels)
-    _infer_cohort(cases, shard, loaded, output, overwrite, suffix, series, kw)
+    _infer_cohort(cases, shard, loaded, output, overwrite, suffix, series, spec, kw)
+
+
+def _output_spec(
+    model: Path,
+    output: Path,
+    fmt: str | None,
+    fractional: bool,
+    stats: bool,
+    save_probabilities: bool,
+    cohort: bool,
+) -> OutputSpec:
+    """What each case is written as: ``--format`` (or the output's suffix), FRACTIONAL,
+    statistics, probabilities, and the coded concepts of the model folder's
+    ``pipeline.toml`` ``[infer.dicom_codes]``."""
+    from medseg.config import dicom_codes, load_pipeline
+    from medseg.errors import WriteError
+    from medseg.inference.outputs import OutputSpec, resolve_format
+
+    resolved = resolve_format(output, fmt, cohort=cohort)
+    if fractional and resolved != "dicom-seg":
+        raise WriteError(
+            "--fractional writes a FRACTIONAL DICOM-SEG: name the output .dcm or pass "
+            "--format dicom-seg"
+        )
+    run_toml = model / "pipeline.toml"
+    codes = dicom_codes(load_pipeline(run_toml).infer, run_toml) if run_toml.is_file() else {}
+    return OutputSpec(resolved, fractional, stats, save_probabilities, codes)
+
+
+def _with_engine(loaded: LoadedModel, engine: str, onnx: Path | None, device: str) -> LoadedModel:
+    """``--engine``: the loaded model, or its exported graph run by onnxruntime (CPU only)."""
+    from medseg.errors import ModelError
+    from medseg.inference.engine import with_engine
+
+    if engine == "onnxruntime" and device not in ("cpu", "auto"):
+        raise ModelError(f"--engine onnxruntime runs on the CPU; drop --device {device}")
+    return with_engine(loaded, engine, onnx_path=onnx)
 
 
 def _warn_if_cut_short(model: Path) -> None:
@@ -228,11 +308,17 @@ def _infer_progress() -> Progress:
 
 
 def _infer_one(
-    volume: list[Path], series: str | None, loaded: LoadedModel, output: Path, kw: dict[str, Any]
+    volume: list[Path],
+    series: str | None,
+    loaded: LoadedModel,
+    output: Path,
+    spec: OutputSpec,
+    kw: dict[str, Any],
 ) -> None:
     """Segment the one case of ``--volume`` into ``output``; print the files written."""
     from medseg.inference.case import check_channels, predict_case
-    from medseg.inference.cohort import read_case, write_prediction
+    from medseg.inference.cohort import read_case
+    from medseg.inference.outputs import reported_dicom_warnings, write_outputs
 
     # read and check before any progress output, so errors stay one line
     images = read_case(volume, series)
@@ -245,9 +331,14 @@ def _infer_one(
             progress=lambda done, total: bar.update(tiles, completed=done, total=total),
             **kw,
         )
-        written = write_prediction(pred, output)
+        with reported_dicom_warnings(_warn):
+            written = write_outputs(pred, images, volume, output, loaded.plan, spec, series=series)
     for p in written:
         print(p)
+
+
+def _warn(message: str) -> None:
+    console.print(f"medseg: warning: {message}", highlight=False, soft_wrap=True)
 
 
 def _infer_cases(
@@ -279,13 +370,20 @@ def _infer_cohort(
     overwrite: bool,
     suffix: str | None,
     series: str | None,
+    spec: OutputSpec,
     kw: dict[str, Any],
 ) -> None:
-    """Segment this ``--shard`` of ``cases`` into the folder ``output``; print the counts."""
+    """Segment this ``--shard`` of ``cases`` into the folder ``output``; print the counts
+    (and with ``--stats`` write the cohort's stats.csv, failed cases or not)."""
     from medseg.inference.cohort import run_cohort, select_shard
+    from medseg.inference.outputs import reported_dicom_warnings
 
     cases = select_shard(cases, shard)
-    with _infer_progress() as bar:
+    with (
+        reported_dicom_warnings(_warn),
+        _cohort_stats(cases, output, suffix, spec),
+        _infer_progress() as bar,
+    ):
         tiles = bar.add_task("tiles", total=None)
         task = bar.add_task("cases", total=len(cases))
         status = run_cohort(
@@ -296,8 +394,33 @@ def _infer_cohort(
             suffix=suffix,
             series=series,
             on_case=lambda _cid, _st: bar.advance(task),
+            outputs=spec,
             progress=lambda done, total: bar.update(tiles, completed=done, total=total),
             **kw,
         )
     done = sum(s == "done" for s in status.values())
     print(f"{output}: {done} cases written, {len(status) - done} skipped (already done)")
+
+
+@contextmanager
+def _cohort_stats(
+    cases: list[CaseInput], output: Path, suffix: str | None, spec: OutputSpec
+) -> Iterator[None]:
+    """With ``--stats``, after the cohort (finished or not): ``stats.csv`` from the stats of
+    every case written, and its path printed."""
+    try:
+        yield
+    finally:
+        if spec.stats:
+            from medseg.inference.cohort import output_suffix
+            from medseg.inference.outputs import case_output, write_cohort_stats
+
+            outs = {
+                c.case_id: case_output(
+                    output, c.case_id, spec.format, output_suffix(c.images[0], suffix)
+                )
+                for c in cases
+            }
+            table = write_cohort_stats(output, outs)
+            if table is not None:
+                print(table)
