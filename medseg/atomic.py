@@ -29,6 +29,7 @@ LOCK_NAME = ".medseg.lock"
 
 _TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp")
 _SWEPT: set[Path] = set()
+_HELD: set[Path] = set()  # folders whose lock this process holds
 
 
 def _default_mode() -> int:
@@ -233,8 +234,15 @@ def folder_lock(folder: str | os.PathLike[str], command: str) -> Iterator[None]:
     The lock is an advisory ``flock`` on ``FOLDER/.medseg.lock``: the kernel drops it when its
     holder dies, so a lock left by a killed process is taken over without asking. The file
     names the holder (pid, host, command, start time) for the refusal message, and is removed
-    on release, with the folder itself if the lock created it and nothing was written."""
+    on release, with the folder itself if the lock created it and nothing was written.
+
+    Re-entrant within one process: a command that holds the lock may call a library function
+    that takes it again (``flock`` would refuse the second descriptor)."""
     path = Path(folder)
+    key = path.resolve()
+    if key in _HELD:
+        yield
+        return
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -251,8 +259,10 @@ def folder_lock(folder: str | os.PathLike[str], command: str) -> Iterator[None]:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD.add(key)
         yield
     finally:
+        _HELD.discard(key)
         with contextlib.suppress(OSError):
             lock.unlink()
         os.close(fd)  # closing the descriptor releases the flock

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medseg.cohort import describe_error
 from medseg.errors import CohortError, MedsegError, ReadError, WriteError
 from medseg.inference.case import CasePrediction, predict_case
 from medseg.inference.model_folder import LoadedModel
@@ -149,15 +150,17 @@ def run_cohort(
                 pred = predict_case(read_case(case.images, series), loaded, **predict_kw)
                 write_prediction(pred, out)
                 status[case.case_id] = "done"
-            except MedsegError as exc:
-                failures[case.case_id] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one case's fault (even out of memory)
+                failures[case.case_id] = describe_error(exc)  # must not stop the cohort
                 status[case.case_id] = "failed"
         if on_case is not None:
             on_case(case.case_id, status[case.case_id])
     if failures:
+        done = sum(s == "done" for s in status.values())
+        skipped = sum(s == "skipped" for s in status.values())
         raise CohortError(
-            f"{len(failures)} of {len(cases)} cases failed; the others were written to "
-            f"{output_dir}",
+            f"{len(failures)} of {len(cases)} cases failed; {done} written to {output_dir}, "
+            f"{skipped} skipped (already done)",
             failures,
         )
     return status
