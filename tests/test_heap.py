@@ -212,7 +212,7 @@ def test_kept_heap_pays_where_amx_is(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_cli_keeps_the_heap_while_the_layout_says_so_and_run_tiles_never(
     net3d: UNet,
 ) -> None:
-    from medseg.cli import _kept_heap_for
+    from medseg.cli.infer import _kept_heap_for
 
     image = np.random.default_rng(1).normal(size=(1, 37, 41, 29)).astype(np.float32)
     fast = tiled.inference_model(net3d)

@@ -333,7 +333,7 @@ def test_2d_stack_keeps_one_heap_across_its_slices(
     """With the command line's tile scope, a 2D model over a stack runs every slice in one
     kept heap: the heap is given back once after its last slice, not after every slice."""
     from medseg import heap
-    from medseg.cli import _kept_heap_for
+    from medseg.cli.infer import _kept_heap_for
 
     loaded = threshold_loaded(make_plan(dims=2), 100.0)
     shape = image_volume.array.shape
