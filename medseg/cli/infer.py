@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from medseg.cli.app import app, console, help_text
+from medseg.cli.app import app, check_output_file, console, help_text
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -39,15 +39,21 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
         "with weights_only=True; a checkpoint holding pickled code is refused) and optionally "
         "postprocessing.json. Each case gets the plan's preprocessing, exact overlap-tile "
         "inference (tiles on the 2^depth lattice, mirrored at the border, each voxel written "
-        "once), is put back onto the scan's own grid (one nearest-neighbour resample), "
-        "postprocessed, and written with the data set's own label values and the input's "
-        "affine and shape.",
+        "once), is put back onto the scan's own grid, postprocessed, and written with the "
+        "data set's own label values and the input's affine and shape.",
+        "Back onto the scan's grid: where the plan only reoriented and cropped the scan, the "
+        "class of each voxel is copied back exactly; where it resampled, each voxel takes the "
+        "class of highest probability after linear resampling of the class probabilities "
+        "(evaluated near class boundaries only; elsewhere all neighbours agree). Voxels "
+        "outside the crop are background.",
         "Input: --volume once per channel in the plan's channel order (NIfTI, DICOM folder, "
         "NRRD/MHA, PNG/TIFF) with --output a file; or --input-dir DIR (nnU-Net names "
         "CASE_0000.nii.gz, CASE_0001.nii.gz per channel, else one file or DICOM folder per "
         "case) or --manifest M.json with --output a folder. Cohorts skip cases whose output "
         "exists (unless --overwrite), split with --shard i/n, finish the good cases and list "
-        "the failed ones (exit 1).",
+        "the failed ones (exit 1). A single --output file that exists is refused unless "
+        "--overwrite. Outputs are checked for writing, and --tile-size, --max-memory and "
+        "--split against the model and manifest, before any case is read.",
         "Memory: the tile size is the largest whose forward pass fits --max-memory (default "
         "half the available memory; on CUDA also at most 80% of free GPU memory); "
         "--tile-size forces it. Labels are streamed tile by tile into one integer array "
@@ -78,7 +84,9 @@ def infer(
     split: str | None = typer.Option(
         None, "--split", help="Manifest: only cases of this split (e.g. test)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose output exists."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --output file; cohorts: redo done cases."
+    ),
     shard: str | None = typer.Option(
         None, "--shard", help="i/n: this process takes every n-th case from i (0-based)."
     ),
@@ -113,8 +121,19 @@ def infer(
     suffix: str | None = typer.Option(
         None, "--suffix", help="Cohort output suffix (default: the input's, .nii.gz for DICOM)."
     ),
+    allow_nonuniform: bool = typer.Option(
+        False,
+        "--allow-nonuniform",
+        help="DICOM: accept slices with uneven spacing (resampled to the median; else refused).",
+    ),
+    correct_tilt: bool = typer.Option(
+        False,
+        "--correct-tilt",
+        help="DICOM: accept a CT series acquired with gantry tilt (sheared affine).",
+    ),
 ) -> None:
     from medseg.errors import ReadError
+    from medseg.inference.tiled import check_tiling
     from medseg.runtime import parse_bytes
 
     modes = [
@@ -132,14 +151,17 @@ def infer(
         "save_probabilities": save_probabilities,
         "precision": precision,
     }
-    _check_infer_paths(volume, output)
+    _check_infer_paths(volume, output, overwrite)
     loaded, heap_kw = _load_for_infer(model, device, precision)
+    check_tiling(loaded.model, loaded.plan.spatial_dims, kw["tile_size"], kw["max_memory"])
     kw.update(heap_kw)
+    dicom = {k: True for k, v in (("allow_nonuniform", allow_nonuniform),
+                                  ("correct_tilt", correct_tilt)) if v}  # fmt: skip
     if volume:
-        _infer_one(volume, series, loaded, output, kw)
+        _infer_one(volume, series, dicom, loaded, output, kw)
         return
     cases = _infer_cases(input_dir, manifest, data_root, split, loaded.plan.in_channels)
-    _infer_cohort(cases, shard, loaded, output, overwrite, suffix, series, kw)
+    _infer_cohort(cases, shard, loaded, output, overwrite, suffix, series, dicom, kw)
 
 
 def _infer_tta(model: Path, tta: str | None) -> str | None:
@@ -159,21 +181,22 @@ def _infer_tta(model: Path, tta: str | None) -> str | None:
     return None if tta == "none" else tta
 
 
-def _check_infer_paths(volume: list[Path] | None, output: Path) -> None:
-    """One-line errors before anything runs: inputs that do not exist, an output file in a
-    missing folder or named as a folder, an output folder that does not exist."""
+def _check_infer_paths(volume: list[Path] | None, output: Path, overwrite: bool) -> None:
+    """One-line errors before anything runs: inputs that do not exist, an output file that
+    cannot be written (missing or read-only folder, a folder in its place, an existing file
+    without --overwrite), an output folder that does not exist or is read-only."""
+    from medseg.atomic import check_writable_folder
     from medseg.errors import ReadError, WriteError
 
     if volume:
-        if not output.parent.is_dir():
-            raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
-        if output.is_dir():
-            raise WriteError(f"{output}: is a folder; give a file name such as pred.nii.gz")
+        check_output_file(output, overwrite)
         for v in volume:
             if not v.exists():
                 raise ReadError(f"{v}: no such file or folder")
     elif not output.is_dir():
         raise WriteError(f"{output}: output folder does not exist; create it first")
+    else:
+        check_writable_folder(output)
 
 
 def _load_for_infer(model: Path, device: str, precision: str) -> tuple[LoadedModel, dict[str, Any]]:
@@ -217,14 +240,19 @@ def _infer_progress() -> Progress:
 
 
 def _infer_one(
-    volume: list[Path], series: str | None, loaded: LoadedModel, output: Path, kw: dict[str, Any]
+    volume: list[Path],
+    series: str | None,
+    dicom: dict[str, bool],
+    loaded: LoadedModel,
+    output: Path,
+    kw: dict[str, Any],
 ) -> None:
     """Segment the one case of ``--volume`` into ``output``; print the files written."""
     from medseg.inference.case import check_channels, predict_case
     from medseg.inference.cohort import read_case, write_prediction
 
     # read and check before any progress output, so errors stay one line
-    images = read_case(volume, series)
+    images = read_case(volume, series, **dicom)
     check_channels(images, loaded.plan)
     with _infer_progress() as bar:
         tiles = bar.add_task("tiles", total=None)
@@ -255,9 +283,7 @@ def _infer_cases(
 
     assert manifest is not None
     m = load_manifest(manifest, data_root)
-    return [
-        CaseInput(c.case_id, list(c.images)) for c in m.cases if split is None or c.split == split
-    ]
+    return [CaseInput(c.case_id, list(c.images)) for c in m.cases_of_split(split)]
 
 
 def _infer_cohort(
@@ -268,6 +294,7 @@ def _infer_cohort(
     overwrite: bool,
     suffix: str | None,
     series: str | None,
+    dicom: dict[str, bool],
     kw: dict[str, Any],
 ) -> None:
     """Segment this ``--shard`` of ``cases`` into the folder ``output``; print the counts."""
@@ -284,6 +311,7 @@ def _infer_cohort(
             overwrite=overwrite,
             suffix=suffix,
             series=series,
+            dicom_options=dicom,
             on_case=lambda _cid, _st: bar.advance(task),
             progress=lambda done, total: bar.update(tiles, completed=done, total=total),
             **kw,

@@ -8,6 +8,9 @@ import typer
 
 from medseg.cli.app import app, console, help_text
 
+#: The progress log preprocess keeps in its cache folder (unless --log).
+LOG = "preprocess.log"
+
 
 @app.command(
     help=help_text(
@@ -18,7 +21,7 @@ from medseg.cli.app import app, console, help_text
         "derive plan.json (target spacing, RAS orientation, per-channel normalisation, crop to "
         "the non-zero box, 2D or 3D U-Net with its depth, widths, training patch and inference "
         "tile sizes fitted to the median case and a memory budget), overridden by the "
-        "pipeline's \\[plan] table; then reorient, crop, normalise and resample each case and "
+        "pipeline's [plan] table; then reorient, crop, normalise and resample each case and "
         "write it under OUT/cases/<case_id>/ as memory-mappable .npy files.",
         "Reruns skip cases whose input files, plan and options did not change; an interrupted "
         "run resumes; --overwrite redoes everything. A case that fails (unreadable file, label "
@@ -29,7 +32,10 @@ from medseg.cli.app import app, console, help_text
         "tcp://HOST:8786; see docs/cohort.md), with identical bytes in the cache. A worker that "
         "dies loses only its running case, which is retried once. Every case event is also "
         "written to OUT/preprocess.log (or --log).",
-        "\\[preprocess] options: workers, memory_budget_gb, fingerprint_samples, border_weights "
+        "OUT is checked for writing before any case is read and locked while preprocess "
+        "writes it: a second preprocess on it is refused, naming the first. A case that cannot "
+        "be written whole (disk full) leaves no files.",
+        "[preprocess] options: workers, memory_budget_gb, fingerprint_samples, border_weights "
         '= {w0 = 10, sigma = 5, instances = "components" | "label"} (U-Net weight maps).',
         "Examples:\n\n  medseg preprocess --pipeline pipelines/brats2013.toml --workers 2\n"
         "  medseg preprocess --pipeline pipelines/brats2013.toml --scheduler tcp://10.0.0.5:8786",
@@ -49,7 +55,7 @@ def preprocess(
         None,
         "--workers",
         min=1,
-        help="Local worker processes (default: \\[preprocess] workers, else this process).",
+        help="Local worker processes (default: [preprocess] workers, else this process).",
     ),
     scheduler: str | None = typer.Option(
         None, "--scheduler", help="Run cases on this Dask scheduler (tcp://HOST:PORT)."
@@ -65,6 +71,7 @@ def preprocess(
         None, "--data-root", help="Folder the manifest's relative paths start from."
     ),
 ) -> None:
+    from medseg.atomic import check_writable, check_writable_folder, folder_lock
     from medseg.cohort import CaseLog, Where
     from medseg.config import Pipeline, load_pipeline
     from medseg.errors import PlanError
@@ -86,8 +93,11 @@ def preprocess(
         scheduler=scheduler,
         threads=threads,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    with CaseLog(console, log or out / "preprocess.log") as bar:
+    check_writable_folder(out)
+    if log is not None:
+        check_writable(log)
+    # the lock covers the log too: a refused second writer must not touch the first one's
+    with folder_lock(out, "medseg preprocess"), CaseLog(console, log or out / LOG) as bar:
         bar.line(f"preprocess {len(m.cases)} case(s) of {manifest} in {place.describe()}")
         result = preprocess_cohort(
             m,

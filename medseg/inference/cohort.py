@@ -94,15 +94,18 @@ def select_shard(items: Sequence[Any], shard: str | None) -> list[Any]:
     return list(items)[i::n]
 
 
-def read_case(paths: Sequence[Path], series: str | None = None) -> list[Volume]:
-    """Read one case's channel files (``series`` applies to DICOM inputs only)."""
+def read_case(
+    paths: Sequence[Path], series: str | None = None, **dicom_options: bool
+) -> list[Volume]:
+    """Read one case's channel files; ``series`` and ``dicom_options`` (``allow_nonuniform``,
+    ``correct_tilt``) apply to DICOM inputs only."""
     from medseg.io import read_volume, volume_format
 
     vols = []
     for p in paths:
-        opts: dict[str, Any] = (
-            {"series": series} if series is not None and volume_format(p) == "dicom" else {}
-        )
+        opts: dict[str, Any] = {}
+        if volume_format(p) == "dicom":
+            opts = {**dicom_options, **({"series": series} if series is not None else {})}
         vols.append(read_volume(p, **opts))
     return vols
 
@@ -132,10 +135,12 @@ def run_cohort(
     suffix: str | None = None,
     series: str | None = None,
     on_case: Callable[[str, str], None] | None = None,
+    dicom_options: dict[str, bool] | None = None,
     **predict_kw: Any,
 ) -> dict[str, str]:
     """Segment every case into ``output_dir/<case_id><suffix>``; skip finished cases unless
-    ``overwrite``. Bad cases are collected; ``CohortError`` lists them at the end.
+    ``overwrite``. A case that raises anything (a bad file, out of memory) is collected and
+    the others finish; ``CohortError`` lists them at the end.
     Returns ``{case_id: "done" | "skipped"}``."""
     if not output_dir.is_dir():
         raise WriteError(f"{output_dir}: output folder does not exist; create it first")
@@ -147,7 +152,8 @@ def run_cohort(
             status[case.case_id] = "skipped"
         else:
             try:
-                pred = predict_case(read_case(case.images, series), loaded, **predict_kw)
+                images = read_case(case.images, series, **(dicom_options or {}))
+                pred = predict_case(images, loaded, **predict_kw)
                 write_prediction(pred, out)
                 status[case.case_id] = "done"
             except Exception as exc:  # noqa: BLE001 - one case's fault (even out of memory)
