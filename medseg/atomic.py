@@ -29,7 +29,6 @@ LOCK_NAME = ".medseg.lock"
 
 _TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp")
 _SWEPT: set[Path] = set()
-_HELD: set[Path] = set()  # folders whose lock this process holds
 
 
 def _default_mode() -> int:
@@ -152,7 +151,7 @@ def check_writable(path: str | os.PathLike[str], *, overwrite: bool = True) -> N
     new file; an existing ``path`` is refused unless ``overwrite``."""
     target = Path(path)
     if target.exists() and not overwrite:
-        raise WriteError(f"{target}: exists; pass --overwrite to replace it")
+        raise WriteError(f"{target}: already exists; pass --overwrite to replace it")
     folder = target.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -234,15 +233,8 @@ def folder_lock(folder: str | os.PathLike[str], command: str) -> Iterator[None]:
     The lock is an advisory ``flock`` on ``FOLDER/.medseg.lock``: the kernel drops it when its
     holder dies, so a lock left by a killed process is taken over without asking. The file
     names the holder (pid, host, command, start time) for the refusal message, and is removed
-    on release, with the folder itself if the lock created it and nothing was written.
-
-    Re-entrant within one process: a command that holds the lock may call a library function
-    that takes it again (``flock`` would refuse the second descriptor)."""
+    on release, with the folder itself if the lock created it and nothing was written."""
     path = Path(folder)
-    key = path.resolve()
-    if key in _HELD:
-        yield
-        return
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -259,10 +251,8 @@ def folder_lock(folder: str | os.PathLike[str], command: str) -> Iterator[None]:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        _HELD.add(key)
         yield
     finally:
-        _HELD.discard(key)
         with contextlib.suppress(OSError):
             lock.unlink()
         os.close(fd)  # closing the descriptor releases the flock

@@ -109,6 +109,7 @@ def preprocess(
             report=bar.line,
             where=place,
             on_event=bar,
+            lock_held=True,
         )
     s = summary(out)
     print(

@@ -11,6 +11,7 @@ image/label grids that differ, NaN voxels) is reported at the end; the others fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -164,6 +165,7 @@ def preprocess_cohort(
     report: Callable[[str], None] = print,
     where: Where | None = None,
     on_event: Callable[[CaseEvent], None] | None = None,
+    lock_held: bool = False,
 ) -> CohortResult:
     """Fingerprint ``manifest``, write ``plan.json`` and every case under ``prep_dir``.
 
@@ -171,11 +173,14 @@ def preprocess_cohort(
     process); ``on_event`` gets every case's :class:`~medseg.cohort.CaseEvent` (a progress
     bar), ``report`` other lines (warnings, skipped count). Raises ``CohortError`` listing the
     failed cases at the end, after the others are written. ``prep_dir`` is checked for writing
-    before any case is read and locked while it is written (``LockError`` names the holder).
+    before any case is read and locked while it is written (``LockError`` names the holder),
+    unless ``lock_held``: the caller holds that lock already (the command line, whose log
+    lives in the folder).
     """
     prep = Path(prep_dir)
     check_writable_folder(prep)
-    with folder_lock(prep, "medseg preprocess"):
+    lock = contextlib.nullcontext() if lock_held else folder_lock(prep, "medseg preprocess")
+    with lock:
         return _preprocess_locked(
             manifest, prep, plan_overrides, options or Options(), overwrite, source, report,
             where, on_event,
