@@ -345,6 +345,8 @@ def load_manifest(path: str | os.PathLike[str], data_root: Path | str | None = N
     Files are not touched here; :meth:`Manifest.validate` checks them.
     """
     p = Path(path)
+    if p.is_dir():
+        raise _err(p, "is a folder; give a manifest JSON file")
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -481,6 +483,8 @@ def modality_category(name: str) -> str:
 
 
 def _load_json(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder; give the JSON file")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
