@@ -1,0 +1,143 @@
+"""``medseg convert``: a scan to another format, or a label map to DICOM-SEG / RTSTRUCT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from medseg.cli.app import app, console, help_text
+
+_WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".png", ".tif", ".tiff", ".bmp", ".gif")
+
+
+@app.command(
+    help=help_text(
+        "Convert a scan to NIfTI, NRRD, MetaImage or PNG, keeping its world geometry.",
+        (
+            "The output format follows the suffix of OUTPUT. Geometry (voxel size in mm, "
+            "orientation, origin) is carried over exactly; PNG cannot store it and keeps the "
+            "pixel layout only. OUTPUT's folder must exist; an existing OUTPUT is refused "
+            "unless --overwrite. The file appears complete or not at all (written beside the "
+            "target, then renamed)."
+        ),
+        (
+            "DICOM-SEG and RTSTRUCT: a label map on the grid of a DICOM series becomes a "
+            "Segmentation (OUTPUT ending .dcm, or --format dicom-seg) or an RT Structure Set "
+            "(--format rtstruct) of that series (--reference). A DICOM-SEG INPUT is read as a "
+            "label map of segment numbers; an RTSTRUCT INPUT needs --reference."
+        ),
+        "Examples:",
+        "medseg convert study/dicom/ ct.nii.gz --series 1",
+        "medseg convert case1/label.nrrd case1_label.nii.gz --label",
+        "medseg convert label.nii.gz seg.dcm --reference study/dicom/",
+        "medseg convert label.nii.gz rt.dcm --reference study/dicom/ --format rtstruct",
+        "medseg convert rt.dcm label.nii.gz --reference study/dicom/",
+    ),
+)
+def convert(
+    input: Path = typer.Argument(
+        ..., metavar="INPUT", help="Scan to read: any format `medseg inspect` reads."
+    ),
+    output: Path = typer.Argument(
+        ...,
+        metavar="OUTPUT",
+        help="File to write: .nii.gz/.nii, .nrrd, .mha, or .png/.tif for 2D (K = 1).",
+    ),
+    series: str = typer.Option(
+        None, "--series", "-s", help="DICOM folders: series index or SeriesInstanceUID."
+    ),
+    label: bool = typer.Option(
+        False,
+        "--label",
+        help="Treat the input as a label map: integer values required, stored in the smallest "
+        "integer type that holds them.",
+    ),
+    allow_nonuniform: bool = typer.Option(
+        False,
+        "--allow-nonuniform",
+        help="DICOM: accept slices with uneven spacing (otherwise refused).",
+    ),
+    correct_tilt: bool = typer.Option(
+        False,
+        "--correct-tilt",
+        help="DICOM: accept a CT series acquired with gantry tilt (see README, DICOM).",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    reference: Path = typer.Option(
+        None,
+        "--reference",
+        help="DICOM series folder a DICOM-SEG/RTSTRUCT is written for or read onto "
+        "(--series picks one of its series).",
+    ),
+    fmt: str = typer.Option(
+        None,
+        "--format",
+        help="Output format: dicom-seg or rtstruct (default: dicom-seg for a .dcm OUTPUT).",
+    ),
+) -> None:
+    """Convert a scan to NIfTI, NRRD, MetaImage or PNG, keeping its world geometry."""
+    from medseg.errors import WriteError
+    from medseg.io import read_volume, write_volume
+
+    if fmt is not None or output.name.lower().endswith(".dcm"):
+        _convert_to_dicom(input, output, reference, series, fmt or "dicom-seg", overwrite)
+        return
+    if not output.name.lower().endswith(_WRITE_SUFFIXES):
+        raise WriteError(
+            f"{output}: cannot write this suffix; use .nii.gz, .nii, .nrrd, .mha, .png or .tif"
+        )
+    if not output.parent.is_dir():
+        raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
+    if output.exists() and not overwrite:
+        raise WriteError(f"{output}: already exists; pass --overwrite to replace it")
+    options = {}
+    if allow_nonuniform:
+        options["allow_nonuniform"] = True
+    if correct_tilt:
+        options["correct_tilt"] = True
+    vol = read_volume(input, series=series, label=label, reference=reference, **options)
+    write_volume(vol, output)
+    sp = " x ".join(f"{s:.4g}" for s in vol.spacing)
+    print(
+        f"wrote {output}: {vol.channels} channel(s), {' x '.join(map(str, vol.shape))} voxels, "
+        f"{sp} mm, {''.join(vol.orientation)}"
+    )
+
+
+def _convert_to_dicom(
+    input: Path, output: Path, reference: Path | None, series: str | None, fmt: str, overwrite: bool
+) -> None:
+    """``medseg convert LABEL OUT.dcm --reference DIR``: a DICOM-SEG or RTSTRUCT of a series."""
+    import warnings
+
+    from medseg.errors import WriteError
+    from medseg.io import read_volume
+
+    if fmt not in ("dicom-seg", "rtstruct"):
+        raise WriteError(f"--format {fmt}: use dicom-seg or rtstruct (or a .nii.gz OUTPUT)")
+    if reference is None:
+        raise WriteError(
+            f"{output}: a {fmt} object references its image series; pass --reference DICOM_DIR"
+        )
+    if not output.parent.is_dir():
+        raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
+    if output.exists() and not overwrite:
+        raise WriteError(f"{output}: already exists; pass --overwrite to replace it")
+    label = read_volume(input, label=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if fmt == "rtstruct":
+            from medseg.io.rtstruct import write_rtstruct
+
+            write_rtstruct(label, reference, output, series=series)
+        else:
+            from medseg.io.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(label, reference, output, series=series)
+    from medseg.io.dicom_source import MedsegDicomWarning
+
+    for w in caught:
+        if issubclass(w.category, MedsegDicomWarning):
+            console.print(f"warning: {w.message}", highlight=False, soft_wrap=True)
+    print(f"wrote {output}: {fmt} of {reference}, {' x '.join(map(str, label.shape))} voxels")
