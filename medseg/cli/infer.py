@@ -8,15 +8,14 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from medseg.cli.app import app, console, help_text
+from medseg.cli.cohort import log_option, scheduler_option, threads_option, workers_option
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
     from rich.progress import Progress
 
-    from medseg.inference.cohort import CaseInput
+    from medseg.cohort import Where
+    from medseg.inference.cohort import CaseInput, InferSettings
     from medseg.inference.model_folder import LoadedModel
-    from medseg.inference.tiled import TileLayout
 
 
 def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
@@ -48,6 +47,13 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
         "case) or --manifest M.json with --output a folder. Cohorts skip cases whose output "
         "exists (unless --overwrite), split with --shard i/n, finish the good cases and list "
         "the failed ones (exit 1).",
+        "Cohort cases run in this process, in --workers N local worker processes (one compute "
+        "thread each unless --threads; each loads the model once), or as tasks on a running "
+        "Dask cluster (--scheduler tcp://HOST:8786; see docs/cohort.md), with identical bytes "
+        "written. A case is finished, and skipped on a rerun, when its label file exists, is "
+        "newer than the model folder's files and the case's inputs, and has its probabilities "
+        "where asked for. A worker that dies loses only its running case, which is retried "
+        "once. Every case event is also written to OUTPUT/infer.log (or --log).",
         "Memory: the tile size is the largest whose forward pass fits --max-memory (default "
         "half the available memory; on CUDA also at most 80% of free GPU memory); "
         "--tile-size forces it. Labels are streamed tile by tile into one integer array "
@@ -57,7 +63,8 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
         "  medseg infer --volume scan.nii.gz --model runs/ct --output pred.nii.gz\n\n"
         "  medseg infer --volume flair.nii.gz --volume t1c.nii.gz --model runs/brats "
         "--output pred.nii.gz --tta flip\n\n"
-        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --shard 0/4",
+        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --shard 0/4\n\n"
+        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --workers 2",
     ),
 )
 def infer(
@@ -113,8 +120,13 @@ def infer(
     suffix: str | None = typer.Option(
         None, "--suffix", help="Cohort output suffix (default: the input's, .nii.gz for DICOM)."
     ),
+    workers: int | None = workers_option(),
+    scheduler: str | None = scheduler_option(),
+    threads: int | None = threads_option(),
+    log: Path | None = log_option("OUTPUT/infer.log"),
 ) -> None:
     from medseg.errors import ReadError
+    from medseg.inference.cohort import select_shard
     from medseg.runtime import parse_bytes
 
     modes = [
@@ -124,22 +136,34 @@ def infer(
     ]
     if len(modes) != 1:
         raise ReadError("give exactly one of --volume, --input-dir or --manifest")
-    tta_axes = _infer_tta(model, tta)
-    kw: dict[str, Any] = {
-        "tile_size": _parse_tile_size(tile_size),
-        "max_memory": None if max_memory is None else parse_bytes(max_memory),
-        "tta": tta_axes,
-        "save_probabilities": save_probabilities,
-        "precision": precision,
-    }
+    from medseg.cohort import Where, set_threads
+    from medseg.inference.cohort import InferSettings, cohort_plan, load_for_infer
+
+    settings = InferSettings(
+        model=model,
+        device=device,
+        precision=precision,
+        tile_size=_parse_tile_size(tile_size),
+        max_memory=None if max_memory is None else parse_bytes(max_memory),
+        tta=_infer_tta(model, tta),
+        save_probabilities=save_probabilities,
+        series=series,
+        suffix=suffix,
+    )
     _check_infer_paths(volume, output)
-    loaded, heap_kw = _load_for_infer(model, device, precision)
-    kw.update(heap_kw)
     if volume:
-        _infer_one(volume, series, loaded, output, kw)
+        if threads is not None:
+            set_threads(threads)
+        loaded, heap_kw = load_for_infer(model, device, precision)
+        _infer_one(volume, series, loaded, output, {**settings.predict_kw(), **heap_kw})
         return
-    cases = _infer_cases(input_dir, manifest, data_root, split, loaded.plan.in_channels)
-    _infer_cohort(cases, shard, loaded, output, overwrite, suffix, series, kw)
+    place = Where(workers=workers, scheduler=scheduler, threads=threads)
+    plan = cohort_plan(settings, place)
+    cases = select_shard(
+        _infer_cases(input_dir, manifest, data_root, split, plan.in_channels), shard
+    )
+    default_log = f"infer-{shard.replace('/', 'of').strip()}.log" if shard else "infer.log"
+    _infer_cohort(cases, settings, place, output, overwrite, log or output / default_log)
 
 
 def _infer_tta(model: Path, tta: str | None) -> str | None:
@@ -174,32 +198,6 @@ def _check_infer_paths(volume: list[Path] | None, output: Path) -> None:
                 raise ReadError(f"{v}: no such file or folder")
     elif not output.is_dir():
         raise WriteError(f"{output}: output folder does not exist; create it first")
-
-
-def _load_for_infer(model: Path, device: str, precision: str) -> tuple[LoadedModel, dict[str, Any]]:
-    """The model folder on its device, and the allocator settings its cases run with.
-
-    The allocator is process-wide state, so the command sets it, not the library: freed
-    memory goes back to the system (:func:`medseg.heap.return_freed_memory`), and where a
-    kept heap was measured faster (:func:`medseg.runtime.kept_heap_pays`) the tiles are
-    planned for it and each case's tiles run inside one (:func:`_kept_heap_for`)."""
-    from medseg import heap
-    from medseg.inference.model_folder import load_model
-    from medseg.runtime import check_precision, kept_heap_pays, resolve_device
-
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    loaded = load_model(model, dev)
-    heap.return_freed_memory()
-    return loaded, {"keep_heap": kept_heap_pays(dev), "tile_scope": _kept_heap_for}
-
-
-def _kept_heap_for(layout: TileLayout) -> AbstractContextManager[None]:
-    """Freed activations kept in the heap while a case's tiles run, where ``layout`` was
-    planned for it; afterwards the heap is given back (:func:`medseg.heap.kept_freed_memory`)."""
-    from medseg import heap
-
-    return heap.kept_freed_memory(layout.keep_heap)
 
 
 def _infer_progress() -> Progress:
@@ -262,31 +260,22 @@ def _infer_cases(
 
 def _infer_cohort(
     cases: list[CaseInput],
-    shard: str | None,
-    loaded: LoadedModel,
+    settings: InferSettings,
+    place: Where,
     output: Path,
     overwrite: bool,
-    suffix: str | None,
-    series: str | None,
-    kw: dict[str, Any],
+    log: Path,
 ) -> None:
-    """Segment this ``--shard`` of ``cases`` into the folder ``output``; print the counts."""
-    from medseg.inference.cohort import run_cohort, select_shard
+    """Segment ``cases`` into the folder ``output`` where ``place`` says; one bar over the
+    cases with the workers' count, each case event also a line in ``log``; print the counts."""
+    from medseg.cohort import CaseLog
+    from medseg.inference.cohort import run_cohort
 
-    cases = select_shard(cases, shard)
-    with _infer_progress() as bar:
-        tiles = bar.add_task("tiles", total=None)
-        task = bar.add_task("cases", total=len(cases))
-        status = run_cohort(
-            cases,
-            loaded,
-            output,
-            overwrite=overwrite,
-            suffix=suffix,
-            series=series,
-            on_case=lambda _cid, _st: bar.advance(task),
-            progress=lambda done, total: bar.update(tiles, completed=done, total=total),
-            **kw,
-        )
-    done = sum(s == "done" for s in status.values())
-    print(f"{output}: {done} cases written, {len(status) - done} skipped (already done)")
+    with CaseLog(console, log) as bar:
+        bar.line(f"infer {len(cases)} case(s) with {settings.model} in {place.describe()}")
+        outcome = run_cohort(cases, settings, output, overwrite=overwrite, where=place,
+                             on_event=bar)  # fmt: skip
+    print(
+        f"{output}: {len(outcome.done)} cases written, {len(outcome.skipped)} skipped "
+        "(already done)"
+    )
