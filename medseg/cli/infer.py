@@ -151,6 +151,7 @@ def infer(
         suffix=suffix,
     )
     _check_infer_paths(volume, output)
+    _warn_if_cut_short(model)
     if volume:
         if threads is not None:
             set_threads(threads)
@@ -164,6 +165,16 @@ def infer(
     )
     default_log = f"infer-{shard.replace('/', 'of').strip()}.log" if shard else "infer.log"
     _infer_cohort(cases, settings, place, output, overwrite, log or output / default_log)
+
+
+def _warn_if_cut_short(model: Path) -> None:
+    """One warning line when the model folder's training stopped before its recipe's steps
+    (the time cap, a kill): such a model is not the one the pipeline describes."""
+    from medseg.runinfo import early_stop_warning
+
+    warning = early_stop_warning(model)
+    if warning is not None:
+        console.print(f"medseg: warning: {warning}", highlight=False, soft_wrap=True)
 
 
 def _infer_tta(model: Path, tta: str | None) -> str | None:
