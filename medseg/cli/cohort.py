@@ -32,4 +32,3 @@ def threads_option() -> Any:
 def log_option(default: str) -> Any:
     """``--log PATH``: the progress log file."""
     return typer.Option(None, "--log", help=f"Progress log file (default: {default}).")
-
