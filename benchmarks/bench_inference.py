@@ -18,7 +18,8 @@ has 4 poolings, has the same depth and widths), at the sizes issue 3 names:
    bf16`` against its float32 time and MONAI's (float32, as its recipe runs).
 
 Run: ``python benchmarks/bench_inference.py`` (speed, ~3 min on 2 cores) and
-``python benchmarks/bench_inference.py --rss-only`` (memory, full size).
+``python benchmarks/bench_inference.py --rss-only`` (memory, full size);
+``--cli-only``: the ``medseg infer`` command against the library path it wraps.
 """
 
 from __future__ import annotations
@@ -309,7 +310,7 @@ def rss_child(tool: str, work: str, classes: int, base: int, budget: str) -> Non
         loaded = model_folder.load_model(root / "model")
         vol = read_volume(root / "ct.nii.gz")
         stages["read"] = _peak_mib()
-        # the allocator as the command sets it (medseg.cli.infer._load_for_infer)
+        # the allocator as the command sets it (medseg.inference.cohort.load_for_infer)
         heap.return_freed_memory()
         pred = case.predict_case(
             [vol],
@@ -394,6 +395,37 @@ def rss(a: argparse.Namespace) -> None:
     )
 
 
+def cli_vs_library(a: argparse.Namespace) -> None:
+    """Wall time of ``medseg infer`` (the command, with the allocator settings it chooses)
+    against the library path it wraps (``load_model`` + ``read_volume`` + ``predict_case`` +
+    ``write_prediction``, the ``--child medseg`` process) on the same CT NIfTI and model,
+    each a fresh process, alternating, best of ``a.cli_repeats``: a ratio near 1 shows the
+    command keeps the library's speed (imports and startup included on both sides)."""
+    import tempfile
+
+    shape = tuple(int(round(s * a.rss_scale)) for s in (512, 512, 300))
+    best = {"cli": float("inf"), "library": float("inf")}
+    with tempfile.TemporaryDirectory(prefix="medseg-bench-") as work:
+        write_ct(f"{work}/ct.nii.gz", shape)  # type: ignore[arg-type]
+        write_model_folder(f"{work}/model", a.rss_base, 5)
+        for r in range(a.cli_repeats):
+            cli = [sys.executable, "-m", "medseg.cli", "infer", "--volume", f"{work}/ct.nii.gz",
+                   "--model", f"{work}/model", "--output", f"{work}/cli_{r}.nii.gz",
+                   "--device", "cpu", "--max-memory", a.rss_budget]  # fmt: skip
+            lib = [sys.executable, __file__, "--child", "medseg", work, "5", str(a.rss_base),
+                   f"{a.rss_budget}:{a.threads}"]  # fmt: skip
+            for name, cmd in (("cli", cli), ("library", lib)):
+                t = time.perf_counter()
+                subprocess.run(cmd, check=True, capture_output=True)
+                best[name] = min(best[name], time.perf_counter() - t)
+    print(
+        f"medseg infer command vs library path, int16 CT {list(shape)} .nii.gz, 5 classes, "
+        f"base {a.rss_base}, --max-memory {a.rss_budget}, kept heap "
+        f"{runtime.kept_heap_pays(torch.device('cpu'))}: command {best['cli']:.1f} s, library "
+        f"{best['library']:.1f} s; ratio command/library {best['cli'] / best['library']:.3f}"
+    )
+
+
 def monai_speed(a: argparse.Namespace) -> float:
     """Seconds of one MONAI ``sliding_window_inference`` (roi 96^3, overlap 0.5, gaussian)
     over the benchmark volume with ``BasicUNet`` of base ``a.base``."""
@@ -421,6 +453,8 @@ def main() -> None:
     ap.add_argument("--rss-base", type=int, default=2)
     ap.add_argument("--rss-budget", default="1G", help="medseg --max-memory in the RSS run")
     ap.add_argument("--flops-only", action="store_true", help="only the GFLOP/s comparison")
+    ap.add_argument("--cli-only", action="store_true", help="only medseg infer vs the library")
+    ap.add_argument("--cli-repeats", type=int, default=2)
     ap.add_argument("--flops-tiles", type=int, nargs="*", default=[92])
     ap.add_argument("--rss-tools", nargs="*", help="only these tools (medseg, monai)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -436,6 +470,9 @@ def main() -> None:
         return
     if a.flops_only:
         flops_report(a)
+        return
+    if a.cli_only:
+        cli_vs_library(a)
         return
     if a.monai_speed_child:
         print(json.dumps({"seconds": monai_speed(a)}))

@@ -367,21 +367,64 @@ def decide_postprocessing(
         raise ValueError("probabilities must have one entry per case")
     _structure(2, connectivity)
     current = [np.asarray(p) for p in preds]
-    refs = [np.asarray(r) for r in refs]
     probs = list(probabilities) if probabilities is not None else [None] * len(current)
     region_lists = [list(map(int, r)) for r in (regions or {}).values()]
-    base = _score_table(current, refs, num_classes, metric, region_lists)
-    steps: list[dict[str, Any]] = []
-    decisions: list[dict[str, Any]] = []
-    Trial = tuple[float, dict[str, Any], dict[str, Any], list[np.ndarray], np.ndarray]
+    search = _Search(
+        current, [np.asarray(r) for r in refs], spacings, probs, num_classes, metric, region_lists
+    )
+    have_probs = bool(current) and all(q is not None for q in probs)
+    if num_classes > 2 and region_lists and have_probs:
+        search.keep_best([{"op": "region_decode", "regions": region_lists}], [])
+    if num_classes == 2 and have_probs:
+        search.keep_best(_threshold_candidates(current, probs, metric), [1])
+    fg_classes = list(range(1, num_classes))
+    if fg_classes and current:
+        _component_steps(search, fg_classes, connectivity)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "metric": metric,
+        "steps": search.steps,
+        "decisions": search.decisions,
+        "n_cases": len(preds),
+    }
 
-    def trial(step: dict[str, Any], scored: list[int]) -> Trial | None:
+
+class _Search:
+    """The greedy state of :func:`decide_postprocessing`: the predictions with the steps kept
+    so far, their score table, the steps and every decision made."""
+
+    def __init__(
+        self,
+        current: list[np.ndarray],
+        refs: list[np.ndarray],
+        spacings: Sequence[Sequence[float]],
+        probs: list[Any],
+        num_classes: int,
+        metric: str,
+        region_lists: list[list[int]],
+    ) -> None:
+        self.current, self.refs, self.spacings, self.probs = current, refs, spacings, probs
+        self.num_classes, self.metric, self.region_lists = num_classes, metric, region_lists
+        self.base = self._table(current)
+        n_fg = num_classes - 1
+        self.region_cols = list(range(n_fg, n_fg + len(region_lists)))
+        self.steps: list[dict[str, Any]] = []
+        self.decisions: list[dict[str, Any]] = []
+
+    def _table(self, preds: list[np.ndarray]) -> np.ndarray:
+        return _score_table(preds, self.refs, self.num_classes, self.metric, self.region_lists)
+
+    def trial(self, step: dict[str, Any], scored: list[int]) -> tuple | None:
         """Score ``step`` on the current predictions and record it as not applied (yet);
         return ``(score, step, decision, predictions, table)`` when it would be kept.
         ``scored``: the foreground classes it is judged on; empty: the regions."""
-        cand = [apply_step(p, s, step, q) for p, s, q in zip(current, spacings, probs, strict=True)]
-        table = _score_table(cand, refs, num_classes, metric, region_lists)
-        cols = [c - 1 for c in scored] if scored else region_cols
+        cand = [
+            apply_step(p, s, step, q)
+            for p, s, q in zip(self.current, self.spacings, self.probs, strict=True)
+        ]
+        table, base = self._table(cand), self.base
+        cols = [c - 1 for c in scored] if scored else self.region_cols
         before = float(base[:, cols].mean()) if len(base) else 0.0
         after = float(table[:, cols].mean()) if len(table) else 0.0
         all_before = float(base.mean()) if base.size else 0.0
@@ -394,82 +437,71 @@ def decide_postprocessing(
             "mean_all_after": all_after,
             "applied": False,
         }
-        decisions.append(decision)
+        self.decisions.append(decision)
         if after > before + 1e-12 and all_after >= all_before - 1e-12:
             return after, step, decision, cand, table
         return None
 
-    def keep_best(candidates: list[dict[str, Any]], scored: list[int]) -> bool:
+    def keep_best(self, candidates: list[dict[str, Any]], scored: list[int]) -> bool:
         """Try every candidate step; keep the best one that passes the rule (if any): later
         trials start from its predictions and score table. True when one was kept."""
-        nonlocal current, base
-        kept = [t for t in (trial(step, scored) for step in candidates) if t is not None]
+        kept = [t for t in (self.trial(step, scored) for step in candidates) if t is not None]
         if kept:
             _, step, decision, cand, table = max(kept, key=lambda t: t[0])
-            steps.append(step)
+            self.steps.append(step)
             decision["applied"] = True
-            current, base = cand, table
+            self.current, self.base = cand, table
         return bool(kept)
 
-    fg_classes = list(range(1, num_classes))
-    region_cols = list(range(len(fg_classes), len(fg_classes) + len(region_lists)))
-    if num_classes > 2 and region_lists and current and all(q is not None for q in probs):
-        keep_best([{"op": "region_decode", "regions": region_lists}], [])
-    if num_classes == 2 and current and all(q is not None for q in probs):
-        for q, p in zip(probs, current, strict=True):
-            if q is None or q.shape != (2, *p.shape):
-                raise ValueError(f"probabilities of shape {(2, *p.shape)} expected")
-        cands: list[dict[str, Any]] = [
-            {"op": "threshold", "classes": [1], "value": t} for t in THRESHOLDS
+
+def _threshold_candidates(
+    current: list[np.ndarray], probs: list[Any], metric: str
+) -> list[dict[str, Any]]:
+    """Two-class problems: every threshold of :data:`THRESHOLDS`, and for ``"rand"`` every
+    watershed split of :data:`SEED_THRESHOLDS` x :data:`SEED_VOLUMES_MM3`."""
+    for q, p in zip(probs, current, strict=True):
+        if q is None or q.shape != (2, *p.shape):
+            raise ValueError(f"probabilities of shape {(2, *p.shape)} expected")
+    cands: list[dict[str, Any]] = [
+        {"op": "threshold", "classes": [1], "value": t} for t in THRESHOLDS
+    ]
+    if metric == "rand":
+        cands += [
+            {"op": "watershed_split", "classes": [1], "seed": seed, "min_seed_mm3": vol}
+            for seed in SEED_THRESHOLDS
+            for vol in SEED_VOLUMES_MM3
         ]
-        if metric == "rand":
-            cands += [
-                {
-                    "op": "watershed_split",
-                    "classes": [1],
-                    "seed": seed,
-                    "min_seed_mm3": vol,
-                }
-                for seed in SEED_THRESHOLDS
-                for vol in SEED_VOLUMES_MM3
-            ]
-        keep_best(cands, [1])
-    if fg_classes and current:
-        keep_best(
-            [{"op": "largest_component_foreground", "connectivity": connectivity}], fg_classes
-        )
-        for c in fg_classes:
-            step: dict[str, Any] = {
-                "op": "largest_component",
+    return cands
+
+
+def _component_steps(search: _Search, fg_classes: list[int], connectivity: str) -> None:
+    """Joint foreground largest component; per class the largest component, else the removal
+    of small components below the smallest reference component; then hole filling."""
+    search.keep_best(
+        [{"op": "largest_component_foreground", "connectivity": connectivity}], fg_classes
+    )
+    for c in fg_classes:
+        step: dict[str, Any] = {
+            "op": "largest_component",
+            "classes": [c],
+            "connectivity": connectivity,
+        }
+        if search.keep_best([step], [c]):
+            continue
+        smallest = _smallest_component_mm3(search.refs, search.spacings, c, connectivity)
+        small = [
+            {
+                "op": "remove_small",
                 "classes": [c],
+                "min_volume_mm3": vol,
                 "connectivity": connectivity,
             }
-            if keep_best([step], [c]):
-                continue
-            smallest = _smallest_component_mm3(refs, spacings, c, connectivity)
-            keep_best(
-                [
-                    {
-                        "op": "remove_small",
-                        "classes": [c],
-                        "min_volume_mm3": vol,
-                        "connectivity": connectivity,
-                    }
-                    for vol in SMALL_VOLUMES_MM3
-                    if vol < smallest
-                ],
-                [c],
-            )
-        for c in fg_classes:
-            keep_best([{"op": "fill_holes", "classes": [c], "connectivity": connectivity}], [c])
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "metric": metric,
-        "steps": steps,
-        "decisions": decisions,
-        "n_cases": len(preds),
-    }
+            for vol in SMALL_VOLUMES_MM3
+            if vol < smallest
+        ]
+        search.keep_best(small, [c])
+    for c in fg_classes:
+        search.keep_best([{"op": "fill_holes", "classes": [c], "connectivity": connectivity}], [c])
 
 
 def _smallest_component_mm3(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,3 +46,41 @@ def oblique_grid() -> Grid:
 def image_volume(oblique_grid: Grid, rng: np.random.Generator) -> Volume:
     arr = rng.normal(100.0, 20.0, size=(1, *oblique_grid.shape)).astype(np.float32)
     return Volume(arr, oblique_grid, meta={"source": "synthetic"})
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | Path):
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"no TOML for {v!r}")
+
+
+def write_pipeline_toml(path: Path, **tables: Any) -> Path:
+    """Write a pipeline TOML: scalar keywords at the top (``name``, ``prep_dir``, ...), dict
+    keywords as tables (``train={"steps": 5}`` -> ``[train]``)."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in tables.items() if not isinstance(v, dict)]
+    body = [
+        f"[{k}]\n" + "".join(f"{kk} = {_toml_value(vv)}\n" for kk, vv in v.items())
+        for k, v in tables.items()
+        if isinstance(v, dict)
+    ]
+    path.write_text("\n".join(top) + "\n" + "".join(body))
+    return path
+
+
+@pytest.fixture
+def pipeline_toml(tmp_path: Path) -> Callable[..., Path]:
+    """Factory for a pipeline TOML in ``tmp_path`` (see :func:`write_pipeline_toml`); the name
+    defaults to "s"."""
+
+    def make(prep: Path, **tables: Any) -> Path:
+        return write_pipeline_toml(tmp_path / "p.toml", **{"name": "s", "prep_dir": prep, **tables})
+
+    return make

@@ -136,6 +136,12 @@ def test_docs_show_every_command_page_with_commands() -> None:
     assert set(COMMAND_PAGES) <= shown
 
 
+def test_readme_links_every_docs_page() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    unlinked = [p.name for p in DOCS if f"](docs/{p.name})" not in readme]
+    assert not unlinked, f"README.md does not link {unlinked}"
+
+
 def test_documented_commands_use_real_subcommands_and_options() -> None:
     commands = _documented_commands()
     assert len(commands) > 30

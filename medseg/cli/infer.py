@@ -8,15 +8,14 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from medseg.cli.app import app, check_output_file, console, help_text
+from medseg.cli.cohort import log_option, scheduler_option, threads_option, workers_option
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
     from rich.progress import Progress
 
-    from medseg.inference.cohort import CaseInput
+    from medseg.cohort import Where
+    from medseg.inference.cohort import CaseInput, InferSettings
     from medseg.inference.model_folder import LoadedModel
-    from medseg.inference.tiled import TileLayout
 
 
 def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
@@ -54,6 +53,13 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
         "the failed ones (exit 1). A single --output file that exists is refused unless "
         "--overwrite. Outputs are checked for writing, and --tile-size, --max-memory and "
         "--split against the model and manifest, before any case is read.",
+        "Cohort cases run in this process, in --workers N local worker processes (one compute "
+        "thread each unless --threads; each loads the model once), or as tasks on a running "
+        "Dask cluster (--scheduler tcp://HOST:8786; see docs/cohort.md), with identical bytes "
+        "written. A case is finished, and skipped on a rerun, when its label file exists, is "
+        "newer than the model folder's files and the case's inputs, and has its probabilities "
+        "where asked for. A worker that dies loses only its running case, which is retried "
+        "once. Every case event is also written to OUTPUT/infer.log (or --log).",
         "Memory: the tile size is the largest whose forward pass fits --max-memory (default "
         "half the available memory; on CUDA also at most 80% of free GPU memory); "
         "--tile-size forces it. Labels are streamed tile by tile into one integer array "
@@ -63,7 +69,8 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
         "  medseg infer --volume scan.nii.gz --model runs/ct --output pred.nii.gz\n\n"
         "  medseg infer --volume flair.nii.gz --volume t1c.nii.gz --model runs/brats "
         "--output pred.nii.gz --tta flip\n\n"
-        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --shard 0/4",
+        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --shard 0/4\n\n"
+        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --workers 2",
     ),
 )
 def infer(
@@ -121,6 +128,10 @@ def infer(
     suffix: str | None = typer.Option(
         None, "--suffix", help="Cohort output suffix (default: the input's, .nii.gz for DICOM)."
     ),
+    workers: int | None = workers_option(),
+    scheduler: str | None = scheduler_option(),
+    threads: int | None = threads_option(),
+    log: Path | None = log_option("OUTPUT/infer.log"),
     allow_nonuniform: bool = typer.Option(
         False,
         "--allow-nonuniform",
@@ -133,7 +144,7 @@ def infer(
     ),
 ) -> None:
     from medseg.errors import ReadError
-    from medseg.inference.tiled import check_tiling
+    from medseg.inference.cohort import select_shard
     from medseg.runtime import parse_bytes
 
     modes = [
@@ -143,25 +154,50 @@ def infer(
     ]
     if len(modes) != 1:
         raise ReadError("give exactly one of --volume, --input-dir or --manifest")
-    tta_axes = _infer_tta(model, tta)
-    kw: dict[str, Any] = {
-        "tile_size": _parse_tile_size(tile_size),
-        "max_memory": None if max_memory is None else parse_bytes(max_memory),
-        "tta": tta_axes,
-        "save_probabilities": save_probabilities,
-        "precision": precision,
-    }
+    from medseg.cohort import Where, set_threads
+    from medseg.inference.cohort import InferSettings, cohort_plan, load_for_infer
+    from medseg.inference.tiled import check_tiling
+
+    max_bytes = None if max_memory is None else parse_bytes(max_memory)
+    settings = InferSettings(
+        model=model,
+        device=device,
+        precision=precision,
+        tile_size=_parse_tile_size(tile_size),
+        max_memory=max_bytes,
+        tta=_infer_tta(model, tta),
+        save_probabilities=save_probabilities,
+        series=series,
+        suffix=suffix,
+        allow_nonuniform=allow_nonuniform,
+        correct_tilt=correct_tilt,
+    )
     _check_infer_paths(volume, output, overwrite)
-    loaded, heap_kw = _load_for_infer(model, device, precision)
-    check_tiling(loaded.model, loaded.plan.spatial_dims, kw["tile_size"], kw["max_memory"])
-    kw.update(heap_kw)
-    dicom = {k: True for k, v in (("allow_nonuniform", allow_nonuniform),
-                                  ("correct_tilt", correct_tilt)) if v}  # fmt: skip
+    _warn_if_cut_short(model)
     if volume:
-        _infer_one(volume, series, dicom, loaded, output, kw)
+        if threads is not None:
+            set_threads(threads)
+        loaded, heap_kw = load_for_infer(model, device, precision)
+        check_tiling(loaded.model, loaded.plan.spatial_dims, settings.tile_size, max_bytes)
+        _infer_one(volume, settings, loaded, output, heap_kw)
         return
-    cases = _infer_cases(input_dir, manifest, data_root, split, loaded.plan.in_channels)
-    _infer_cohort(cases, shard, loaded, output, overwrite, suffix, series, dicom, kw)
+    place = Where(workers=workers, scheduler=scheduler, threads=threads)
+    plan = cohort_plan(settings, place)
+    cases = select_shard(
+        _infer_cases(input_dir, manifest, data_root, split, plan.in_channels), shard
+    )
+    default_log = f"infer-{shard.replace('/', 'of').strip()}.log" if shard else "infer.log"
+    _infer_cohort(cases, settings, place, output, overwrite, log or output / default_log)
+
+
+def _warn_if_cut_short(model: Path) -> None:
+    """One warning line when the model folder's training stopped before its recipe's steps
+    (the time cap, a kill): such a model is not the one the pipeline describes."""
+    from medseg.runinfo import early_stop_warning
+
+    warning = early_stop_warning(model)
+    if warning is not None:
+        console.print(f"medseg: warning: {warning}", highlight=False, soft_wrap=True)
 
 
 def _infer_tta(model: Path, tta: str | None) -> str | None:
@@ -199,32 +235,6 @@ def _check_infer_paths(volume: list[Path] | None, output: Path, overwrite: bool)
         check_writable_folder(output)
 
 
-def _load_for_infer(model: Path, device: str, precision: str) -> tuple[LoadedModel, dict[str, Any]]:
-    """The model folder on its device, and the allocator settings its cases run with.
-
-    The allocator is process-wide state, so the command sets it, not the library: freed
-    memory goes back to the system (:func:`medseg.heap.return_freed_memory`), and where a
-    kept heap was measured faster (:func:`medseg.runtime.kept_heap_pays`) the tiles are
-    planned for it and each case's tiles run inside one (:func:`_kept_heap_for`)."""
-    from medseg import heap
-    from medseg.inference.model_folder import load_model
-    from medseg.runtime import check_precision, kept_heap_pays, resolve_device
-
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    loaded = load_model(model, dev)
-    heap.return_freed_memory()
-    return loaded, {"keep_heap": kept_heap_pays(dev), "tile_scope": _kept_heap_for}
-
-
-def _kept_heap_for(layout: TileLayout) -> AbstractContextManager[None]:
-    """Freed activations kept in the heap while a case's tiles run, where ``layout`` was
-    planned for it; afterwards the heap is given back (:func:`medseg.heap.kept_freed_memory`)."""
-    from medseg import heap
-
-    return heap.kept_freed_memory(layout.keep_heap)
-
-
 def _infer_progress() -> Progress:
     """The tile and case bars, drawn on terminals only; logs and pipes get the summary lines."""
     from rich.progress import (
@@ -241,18 +251,17 @@ def _infer_progress() -> Progress:
 
 def _infer_one(
     volume: list[Path],
-    series: str | None,
-    dicom: dict[str, bool],
+    settings: InferSettings,
     loaded: LoadedModel,
     output: Path,
-    kw: dict[str, Any],
+    heap_kw: dict[str, Any],
 ) -> None:
     """Segment the one case of ``--volume`` into ``output``; print the files written."""
     from medseg.inference.case import check_channels, predict_case
     from medseg.inference.cohort import read_case, write_prediction
 
     # read and check before any progress output, so errors stay one line
-    images = read_case(volume, series, **dicom)
+    images = read_case(volume, settings.series, **settings.dicom_options())
     check_channels(images, loaded.plan)
     with _infer_progress() as bar:
         tiles = bar.add_task("tiles", total=None)
@@ -260,7 +269,8 @@ def _infer_one(
             images,
             loaded,
             progress=lambda done, total: bar.update(tiles, completed=done, total=total),
-            **kw,
+            **settings.predict_kw(),
+            **heap_kw,
         )
         written = write_prediction(pred, output)
     for p in written:
@@ -288,33 +298,22 @@ def _infer_cases(
 
 def _infer_cohort(
     cases: list[CaseInput],
-    shard: str | None,
-    loaded: LoadedModel,
+    settings: InferSettings,
+    place: Where,
     output: Path,
     overwrite: bool,
-    suffix: str | None,
-    series: str | None,
-    dicom: dict[str, bool],
-    kw: dict[str, Any],
+    log: Path,
 ) -> None:
-    """Segment this ``--shard`` of ``cases`` into the folder ``output``; print the counts."""
-    from medseg.inference.cohort import run_cohort, select_shard
+    """Segment ``cases`` into the folder ``output`` where ``place`` says; one bar over the
+    cases with the workers' count, each case event also a line in ``log``; print the counts."""
+    from medseg.cohort import CaseLog
+    from medseg.inference.cohort import run_cohort
 
-    cases = select_shard(cases, shard)
-    with _infer_progress() as bar:
-        tiles = bar.add_task("tiles", total=None)
-        task = bar.add_task("cases", total=len(cases))
-        status = run_cohort(
-            cases,
-            loaded,
-            output,
-            overwrite=overwrite,
-            suffix=suffix,
-            series=series,
-            dicom_options=dicom,
-            on_case=lambda _cid, _st: bar.advance(task),
-            progress=lambda done, total: bar.update(tiles, completed=done, total=total),
-            **kw,
-        )
-    done = sum(s == "done" for s in status.values())
-    print(f"{output}: {done} cases written, {len(status) - done} skipped (already done)")
+    with CaseLog(console, log) as bar:
+        bar.line(f"infer {len(cases)} case(s) with {settings.model} in {place.describe()}")
+        outcome = run_cohort(cases, settings, output, overwrite=overwrite, where=place,
+                             on_event=bar)  # fmt: skip
+    print(
+        f"{output}: {len(outcome.done)} cases written, {len(outcome.skipped)} skipped "
+        "(already done)"
+    )

@@ -7,9 +7,7 @@ from pathlib import Path
 import typer
 
 from medseg.cli.app import app, console, help_text
-
-#: The progress log preprocess keeps in its cache folder (unless --log).
-LOG = "preprocess.log"
+from medseg.cli.cohort import log_option, scheduler_option, threads_option, workers_option
 
 
 @app.command(
@@ -51,21 +49,10 @@ def preprocess(
     pipeline: Path | None = typer.Option(
         None, "--pipeline", help="Pipeline TOML with [plan] overrides and [preprocess] options."
     ),
-    workers: int | None = typer.Option(
-        None,
-        "--workers",
-        min=1,
-        help="Local worker processes (default: [preprocess] workers, else this process).",
-    ),
-    scheduler: str | None = typer.Option(
-        None, "--scheduler", help="Run cases on this Dask scheduler (tcp://HOST:PORT)."
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="Compute threads per worker (default 1 with workers)."
-    ),
-    log: Path | None = typer.Option(
-        None, "--log", help="Progress log file (default: OUT/preprocess.log)."
-    ),
+    workers: int | None = workers_option("[preprocess] workers, else this process"),
+    scheduler: str | None = scheduler_option(),
+    threads: int | None = threads_option(),
+    log: Path | None = log_option("OUT/preprocess.log"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every case."),
     data_root: Path | None = typer.Option(
         None, "--data-root", help="Folder the manifest's relative paths start from."
@@ -97,7 +84,8 @@ def preprocess(
     if log is not None:
         check_writable(log)
     # the lock covers the log too: a refused second writer must not touch the first one's
-    with folder_lock(out, "medseg preprocess"), CaseLog(console, log or out / LOG) as bar:
+    lock = folder_lock(out, "medseg preprocess")
+    with lock, CaseLog(console, log or out / "preprocess.log") as bar:
         bar.line(f"preprocess {len(m.cases)} case(s) of {manifest} in {place.describe()}")
         result = preprocess_cohort(
             m,

@@ -51,7 +51,7 @@ MEMMAP_FRACTION = 0.25
 #: Resampled cases of models with at most this many classes take their labels from the
 #: restored probabilities (see ``preprocess.restore.restore_resamples``), kept only near
 #: class boundaries (``_BoundaryProbabilities``) and interpolated only there
-#: (``resample.resample_argmax``). A 512x512x200 scan planned at 1 mm (358x358x500) with a
+#: (``preprocess.restore.resample_argmax``). A 512x512x200 scan planned at 1 mm (358x358x500) with a
 #: trivial network: 5 classes 7.3 s and 2.5-3.0 GiB vs 4.1 s and 2.9 GiB by nearest
 #: neighbour (all probabilities on the plan grid: 8.9-9.8 s, 3.5 GiB); 20 classes 20 s and
 #: 6.4 GiB vs 9.8 s and 6.5 GiB (all probabilities: 35 s, 9.5 GiB). The tile budget still

@@ -340,8 +340,6 @@ def make_plan(
     derived values (``channels`` by position). Patch and tile sizes are refitted unless given.
     Unknown keys raise ``PlanError`` naming ``source``.
     """
-    from medseg.model import shapes
-
     ov = dict(overrides or {})
     known = {f.name for f in fields(Plan)} - {"version"}
     unknown = sorted(set(ov) - known)
@@ -358,16 +356,58 @@ def make_plan(
     native = orientation in (None, False, "", "none", "native")
     orientation = None if native else tuple(orientation)  # type: ignore[arg-type]
     spacings, shapes_, boxes = _target_frame(fp, orientation)
-    if "target_spacing" in ov:
-        target = ov["target_spacing"]
-    elif spatial_dims == 2:
-        med = np.median(spacings, axis=0)
-        target = (float(med[0]), float(med[1]), float(med[2]))
-    else:
-        target = target_spacing_rule(spacings, shapes_)
+    target = _plan_spacing(ov, spatial_dims, spacings, shapes_)
     crop = bool(ov.get("crop_to_nonzero", spatial_dims == 3))
+    declared, names, regions = _plan_labels(fp, ov)
+    channels = _plan_channels(fp, ov, source)
 
-    # Labels: the manifest's declaration, else the values seen; class 0 is the smallest value.
+    # Network: depth from the median (cropped) case in target voxels, widths CPU-friendly.
+    sizes = (boxes if crop else shapes_) * spacings / np.asarray(target)[None, :]
+    median = np.median(sizes, axis=0)[:spatial_dims]
+    network = _plan_network(ov, spatial_dims, len(channels), len(declared), median, source)
+    patch, tile, margin = _plan_sizes(ov, network, median, memory_budget_gb, source)
+    extra = dict(ov.get("extra", {}))
+    extra.setdefault("memory_budget_gb", float(memory_budget_gb))
+    extra.setdefault("median_shape", [float(s) for s in median])
+    try:
+        return Plan(
+            spatial_dims=spatial_dims,
+            channels=channels,
+            label_values=declared,
+            class_names=list(ov.get("class_names", names)),
+            network=network,
+            patch_output_size=patch,
+            tile_output_size=tile,
+            margin=margin,
+            regions=ov.get("regions", regions),
+            ignore_value=ov.get("ignore_value"),
+            orientation=orientation,  # type: ignore[arg-type]
+            target_spacing=None if target is None else tuple(round(float(t), 6) for t in target),
+            crop_to_nonzero=crop,
+            extra=extra,
+        )
+    except (TypeError, ValueError) as exc:
+        raise PlanError(f"{source}: invalid plan override ({exc})") from exc
+
+
+def _plan_spacing(
+    ov: dict[str, Any], spatial_dims: int, spacings: np.ndarray, shapes_: np.ndarray
+) -> Any:
+    """Target spacing in mm: the override, the median for 2D, else :func:`target_spacing_rule`."""
+    if "target_spacing" in ov:
+        return ov["target_spacing"]
+    if spatial_dims == 2:
+        med = np.median(spacings, axis=0)
+        return (float(med[0]), float(med[1]), float(med[2]))
+    return target_spacing_rule(spacings, shapes_)
+
+
+def _plan_labels(
+    fp: Fingerprint, ov: dict[str, Any]
+) -> tuple[list[int], list[str], dict[str, list[int]] | None]:
+    """File value of each class, class names and regions (as class indices).
+
+    The manifest's declaration, else the values seen; class 0 is the smallest value."""
     declared = sorted(fp.labels) if fp.labels else sorted(fp.label_counts)
     if len(declared) < 2:
         declared = sorted({*declared, 0, 1})
@@ -377,7 +417,11 @@ def make_plan(
     if fp.regions:
         index = {v: i for i, v in enumerate(declared)}
         regions = {k: [index[v] for v in vs if v in index] for k, vs in fp.regions.items()}
+    return declared, names, regions
 
+
+def _plan_channels(fp: Fingerprint, ov: dict[str, Any], source: str) -> list[ChannelPlan]:
+    """Normalisation per channel from its modality and statistics, then the overrides."""
     channels = []
     for i, name in enumerate(fp.channels):
         mod = _modality(fp.modalities[i] if fp.modalities else None)
@@ -395,15 +439,23 @@ def make_plan(
         if bad:
             raise PlanError(f"{source}: unknown channel keys {sorted(bad)}")
         channels[i] = ChannelPlan(**{**asdict(channels[i]), **c_ov})
+    return channels
 
-    # Network: depth from the median (cropped) case in target voxels, widths CPU-friendly.
-    sizes = (boxes if crop else shapes_) * spacings / np.asarray(target)[None, :]
-    median = np.median(sizes, axis=0)[:spatial_dims]
+
+def _plan_network(
+    ov: dict[str, Any],
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    median: np.ndarray,
+    source: str,
+) -> dict[str, Any]:
+    """UNet keyword arguments: depth from the median case size (voxels), then the overrides."""
     depth = int(np.clip(np.floor(np.log2(max(min(median), 1) / 8)), 1, _MAX_DEPTH[spatial_dims]))
     network: dict[str, Any] = {
         "spatial_dims": spatial_dims,
-        "in_channels": len(channels),
-        "out_channels": len(declared),
+        "in_channels": in_channels,
+        "out_channels": out_channels,
         "depth": depth,
         "base_channels": _DEFAULT_BASE[spatial_dims],
         "channel_multiplier": 2,
@@ -417,11 +469,24 @@ def make_plan(
     if bad_net:
         raise PlanError(f"{source}: unknown network keys {sorted(bad_net)}")
     network.update(net_ov)
-    network["spatial_dims"], network["in_channels"] = spatial_dims, len(channels)
-    network["out_channels"] = len(declared)
-    d, n = int(network["depth"]), int(network["convs_per_level"])
-    margin = (shapes.margin(d, n),) * spatial_dims
+    network["spatial_dims"], network["in_channels"] = spatial_dims, in_channels
+    network["out_channels"] = out_channels
+    return network
 
+
+def _plan_sizes(
+    ov: dict[str, Any],
+    network: dict[str, Any],
+    median: np.ndarray,
+    memory_budget_gb: float,
+    source: str,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Training patch and inference tile (output voxels) fitted to the memory budget, and the
+    margin valid convolutions consume per side."""
+    from medseg.model import shapes
+
+    d, n = int(network["depth"]), int(network["convs_per_level"])
+    margin = (shapes.margin(d, n),) * int(network["spatial_dims"])
     budget = float(memory_budget_gb) * 2**30
     start = tuple(int(round(s)) for s in median)
     for key in ("patch_output_size", "tile_output_size"):
@@ -446,25 +511,4 @@ def make_plan(
             _infer_bytes,
         )
     )
-    extra = dict(ov.get("extra", {}))
-    extra.setdefault("memory_budget_gb", float(memory_budget_gb))
-    extra.setdefault("median_shape", [float(s) for s in median])
-    try:
-        return Plan(
-            spatial_dims=spatial_dims,
-            channels=channels,
-            label_values=declared,
-            class_names=list(ov.get("class_names", names)),
-            network=network,
-            patch_output_size=patch,
-            tile_output_size=tile,
-            margin=margin,
-            regions=ov.get("regions", regions),
-            ignore_value=ov.get("ignore_value"),
-            orientation=orientation,  # type: ignore[arg-type]
-            target_spacing=None if target is None else tuple(round(float(t), 6) for t in target),
-            crop_to_nonzero=crop,
-            extra=extra,
-        )
-    except (TypeError, ValueError) as exc:
-        raise PlanError(f"{source}: invalid plan override ({exc})") from exc
+    return patch, tile, margin

@@ -94,7 +94,9 @@ def test_input_hash_changes_with_file_and_settings(tmp_path) -> None:
     assert cache.input_hash([f], {"plan": 1}) != h
 
 
-def test_disk_full_leaves_no_file_of_the_case_and_no_empty_folder(tmp_path, record, arrays, monkeypatch) -> None:
+def test_disk_full_leaves_no_file_of_the_case_and_no_empty_folder(
+    tmp_path, record, arrays, monkeypatch
+) -> None:
     image, label = arrays
     cache.write_case(
         tmp_path,

@@ -255,11 +255,12 @@ def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(prep: Path, tmp
         )
 
 
-def test_cli_train_errors_are_one_line_exit_2(prep: Path, tmp_path: Path, capsys) -> None:
+def test_cli_train_errors_are_one_line_exit_2(
+    prep: Path, tmp_path: Path, capsys, pipeline_toml
+) -> None:
     from medseg.cli import main
 
-    toml = tmp_path / "p.toml"
-    toml.write_text(f'name = "s"\nprep_dir = "{prep}"\n[train]\nbogus_key = 1\n')
+    toml = pipeline_toml(prep, train={"bogus_key": 1})
     with pytest.raises(SystemExit) as exc:
         main(["train", "--pipeline", str(toml), "--out", str(tmp_path / "r"), "--device", "cpu"])
     assert exc.value.code == 2
@@ -268,13 +269,10 @@ def test_cli_train_errors_are_one_line_exit_2(prep: Path, tmp_path: Path, capsys
     assert not (tmp_path / "r").exists()
 
 
-def test_cli_train_runs_and_resumes(prep: Path, tmp_path: Path, capsys) -> None:
+def test_cli_train_runs_and_resumes(prep: Path, tmp_path: Path, capsys, pipeline_toml) -> None:
     from medseg.cli import main
 
-    toml = tmp_path / "p.toml"
-    toml.write_text(
-        f'name = "s"\nprep_dir = "{prep}"\n[train]\niterations_per_epoch = 2\nworkers = 0\n'
-    )
+    toml = pipeline_toml(prep, train={"iterations_per_epoch": 2, "workers": 0})
     args = [
         "train",
         "--pipeline",
@@ -294,13 +292,12 @@ def test_cli_train_runs_and_resumes(prep: Path, tmp_path: Path, capsys) -> None:
     assert (tmp_path / "r" / "pipeline.toml").read_text() == toml.read_text()
 
 
-def test_cli_train_says_last_that_the_time_budget_stopped_it(prep: Path, tmp_path: Path,
-                                                             capsys) -> None:  # fmt: skip
+def test_cli_train_says_last_that_the_time_budget_stopped_it(
+    prep: Path, tmp_path: Path, capsys, pipeline_toml
+) -> None:
     from medseg.cli import main
 
-    toml = tmp_path / "p.toml"
-    toml.write_text(f'name = "s"\nprep_dir = "{prep}"\n[train]\nsteps = 50\nworkers = 0\n'
-                    "iterations_per_epoch = 5\n")  # fmt: skip
+    toml = pipeline_toml(prep, train={"steps": 50, "workers": 0, "iterations_per_epoch": 5})
     with pytest.raises(SystemExit) as exc:
         main(["train", "--pipeline", str(toml), "--out", str(tmp_path / "r"), "--device", "cpu",
               "--time-budget", "1e-6"])  # fmt: skip
@@ -326,16 +323,14 @@ def _wait_for_lock(out: Path, proc: subprocess.Popen) -> dict:
 
 
 def test_a_second_train_on_the_same_folder_is_refused_naming_the_holder(
-    prep: Path, tmp_path: Path
+    prep: Path, tmp_path: Path, pipeline_toml
 ) -> None:
     """Two real processes: the second gets one line naming the first (its pid), exit 2, and
     the first keeps training undisturbed."""
     import signal
     import sys
 
-    toml = tmp_path / "p.toml"
-    toml.write_text(f'name = "s"\nprep_dir = "{prep}"\n[train]\nsteps = 1000000\n'
-                    "workers = 0\n")  # fmt: skip
+    toml = pipeline_toml(prep, train={"steps": 1000000, "workers": 0})
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "medseg.cli", "train", "--pipeline", str(toml), "--out",
            str(out), "--device", "cpu"]  # fmt: skip
@@ -504,7 +499,7 @@ def test_training_leaves_the_heap_as_the_caller_set_it(prep: Path, tmp_path: Pat
 
 
 def test_cli_train_keeps_the_heap_while_it_runs_and_restores_it_after(
-    prep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pipeline_toml
 ) -> None:
     from medseg import cli, heap
 
@@ -514,10 +509,7 @@ def test_cli_train_keeps_the_heap_while_it_runs_and_restores_it_after(
     seen: list[str] = []
     # the command's per-epoch log lines go through its console: record the heap mode there
     monkeypatch.setattr(cli.console, "print", lambda *_a, **_k: seen.append(heap.mode()))
-    toml = tmp_path / "p.toml"
-    toml.write_text(
-        f'name = "s"\nprep_dir = "{prep}"\n[train]\niterations_per_epoch = 2\nworkers = 0\n'
-    )
+    toml = pipeline_toml(prep, train={"iterations_per_epoch": 2, "workers": 0})
     with pytest.raises(SystemExit) as exc:
         cli.main(["train", "--pipeline", str(toml), "--out", str(tmp_path / "r"),
                   "--device", "cpu", "--epochs", "2"])  # fmt: skip

@@ -50,16 +50,14 @@ if os.environ.get("MEDSEG_PROBE") and "RANK" in os.environ:
 """
 
 
-def test_torchrun_two_cpu_ranks_end_identical_and_only_rank0_writes(tmp_path: Path) -> None:
+def test_torchrun_two_cpu_ranks_end_identical_and_only_rank0_writes(
+    tmp_path: Path, pipeline_toml
+) -> None:
     if not TORCHRUN.exists() or not torch.distributed.is_gloo_available():
         pytest.skip("torchrun or gloo not available")
     prep = tmp_path / "prep"
     write_synthetic_cache(prep)
-    toml = tmp_path / "p.toml"
-    toml.write_text(
-        f'name = "s"\nprep_dir = "{prep}"\n[train]\niterations_per_epoch = 3\n'
-        "batch_size = 2\nworkers = 0\n"
-    )
+    toml = pipeline_toml(prep, train={"iterations_per_epoch": 3, "batch_size": 2, "workers": 0})
     probe = tmp_path / "probe"
     probe.mkdir()
     (probe / "sitecustomize.py").write_text(PROBE)
