@@ -366,3 +366,64 @@ def test_sigkill_mid_write_leaves_a_temporary_the_next_command_removes(
     code, _, err = run(["convert", str(world.inp / "img.nii.gz"), str(out / "y.nii.gz")], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["y.nii.gz"]  # the dead writer's is gone
+
+
+# -- settings checked against the model and the manifest before any case is read --------------
+def _split_manifest(w: World) -> Path:
+    m = json.loads((w.inp / "m.json").read_text())
+    m["cases"][0]["split"] = "val"
+    m["cases"].append({**m["cases"][0], "case_id": "c2", "split": "test"})
+    path = w.inp / "splits.json"
+    path.write_text(json.dumps(m))
+    return path
+
+
+@pytest.mark.parametrize("command", ["infer", "evaluate"])
+def test_unknown_split_is_refused_listing_the_manifests_splits(
+    world: World, command: str, reads: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = _split_manifest(world)
+    out = world.root / "out"
+    out.mkdir()
+    argv = {
+        "infer": ["infer", "--manifest", str(manifest), "--model", str(world.model),
+                  "--output", str(out), "--device", "cpu"],
+        "evaluate": ["evaluate", "--manifest", str(manifest), "--pred", str(out),
+                     "--out", str(world.root / "report")],
+    }[command]  # fmt: skip
+    before = tree(world.root)
+    code, _, err = run([*argv, "--split", "bogus"], capsys)
+    assert code == 2, err
+    line = one_line(err)
+    assert "'bogus'" in line and "splits: test, val" in line and manifest.name in line, line
+    assert reads == [] and tree(world.root) == before
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--tile-size", "3", "give at least"),
+        ("--tile-size", "16,16", "needs 1 or 3 sizes"),
+        ("--max-memory", "10K", "give at least"),
+    ],
+)
+def test_tile_size_and_memory_budget_that_cannot_work_are_refused_up_front(
+    world: World,
+    option: str,
+    value: str,
+    expected: str,
+    reads: list[Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = world.root / "out"
+    out.mkdir()
+    volume = ["--volume", str(world.inp / "img.nii.gz"), "--output", str(out / "p.nii.gz")]
+    cohort = ["--input-dir", str(world.inp / "good_images"), "--output", str(out)]
+    for inputs in (volume, cohort):
+        argv = ["infer", *inputs, "--model", str(world.model), "--device", "cpu"]
+        before = tree(world.root)
+        code, _, err = run([*argv, option, value], capsys)
+        assert code == 2, err
+        line = one_line(err)
+        assert option in line and expected in line, line
+        assert reads == [] and tree(world.root) == before

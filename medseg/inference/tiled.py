@@ -139,7 +139,7 @@ def check_tiling(
     size = (floor,) * dims
     if tile_size is not None:
         req = (int(tile_size),) * dims if isinstance(tile_size, int) else tuple(tile_size)
-        shown = ",".join(map(str, req))
+        shown = str(tile_size) if isinstance(tile_size, int) else ",".join(map(str, req))
         if len(req) != dims:
             raise ModelError(
                 f"--tile-size {shown}: this {dims}D network needs 1 or {dims} sizes, e.g. "
