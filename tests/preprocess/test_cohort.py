@@ -250,3 +250,70 @@ def test_a_worker_killed_on_one_case_loses_only_that_case_named_with_its_cause(
     assert "1 of 3 case(s) failed; the other 2 are in" in err
     assert sorted(p.name for p in (out / "cases").iterdir()) == ["c0", "c2"]
     assert "c1: worker died, retrying" in (out / LOG).read_text()
+
+
+KILL_AT_RENAME = """
+import os, signal
+
+_at, _seen, _real = int(os.environ["MEDSEG_TEST_KILL_AT"]), [0], os.replace
+
+
+def _replace(src, dst, *args, **kwargs):
+    _seen[0] += 1
+    if _seen[0] == _at:  # the file is written beside its target, not yet renamed: die now
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real(src, dst, *args, **kwargs)
+
+
+os.replace = _replace
+"""
+
+
+def _succeeds(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code in (0, None)
+
+
+def _killed_then_rerun(tmp_path: Path, args: list[str], at: int) -> tuple[int, dict[str, str]]:
+    """Run preprocess in a child killed (SIGKILL) before its ``at``-th rename, then rerun it
+    here; the child's exit code and the cache's digest after the rerun."""
+    hook = tmp_path / f"hook{at}"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_AT_RENAME)
+    out = tmp_path / f"killed{at}"
+    path = os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "MEDSEG_TEST_KILL_AT": str(at)}
+    child = subprocess.run([sys.executable, "-m", "medseg.cli", *args, "--out", str(out)],
+                           env=env, capture_output=True, check=False)  # fmt: skip
+    _succeeds([*args, "--out", str(out)])
+    return child.returncode, tree_digest(out)
+
+
+def _kill_sweep(tmp_path: Path, points: list[int] | None) -> int:
+    args = _synthetic(tmp_path, 2)
+    _succeeds([*args, "--out", str(tmp_path / "whole")])
+    reference = tree_digest(tmp_path / "whole")
+    killed = 0
+    for at in points or range(1, 100):
+        code, digest = _killed_then_rerun(tmp_path, args, at)
+        if code == 0:  # fewer renames than ``at``: the sweep has covered every one
+            assert points is None, at
+            break
+        assert code == -signal.SIGKILL, code
+        assert digest == reference, at  # same bytes; no temporary, lock or half case left
+        killed += 1
+    return killed
+
+
+def test_preprocess_killed_mid_write_then_rerun_gives_the_uninterrupted_cache_bytes(
+    tmp_path: Path,
+) -> None:
+    assert _kill_sweep(tmp_path, [1, 4]) == 2  # the first write; inside the first case
+
+
+@pytest.mark.slow
+def test_preprocess_killed_before_any_rename_then_rerun_gives_the_same_bytes(
+    tmp_path: Path,
+) -> None:
+    assert _kill_sweep(tmp_path, None) >= 10  # every rename of a two-case run
