@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from medseg.cli.app import app, console, help_text
+from medseg.cli.app import app, check_output_file, console, help_text
 from medseg.cli.cohort import log_option, scheduler_option, threads_option, workers_option
 
 if TYPE_CHECKING:
@@ -38,15 +38,21 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
         "with weights_only=True; a checkpoint holding pickled code is refused) and optionally "
         "postprocessing.json. Each case gets the plan's preprocessing, exact overlap-tile "
         "inference (tiles on the 2^depth lattice, mirrored at the border, each voxel written "
-        "once), is put back onto the scan's own grid (one nearest-neighbour resample), "
-        "postprocessed, and written with the data set's own label values and the input's "
-        "affine and shape.",
+        "once), is put back onto the scan's own grid, postprocessed, and written with the "
+        "data set's own label values and the input's affine and shape.",
+        "Back onto the scan's grid: where the plan only reoriented and cropped the scan, the "
+        "class of each voxel is copied back exactly; where it resampled, each voxel takes the "
+        "class of highest probability after linear resampling of the class probabilities "
+        "(evaluated near class boundaries only; elsewhere all neighbours agree). Voxels "
+        "outside the crop are background.",
         "Input: --volume once per channel in the plan's channel order (NIfTI, DICOM folder, "
         "NRRD/MHA, PNG/TIFF) with --output a file; or --input-dir DIR (nnU-Net names "
         "CASE_0000.nii.gz, CASE_0001.nii.gz per channel, else one file or DICOM folder per "
         "case) or --manifest M.json with --output a folder. Cohorts skip cases whose output "
         "exists (unless --overwrite), split with --shard i/n, finish the good cases and list "
-        "the failed ones (exit 1).",
+        "the failed ones (exit 1). A single --output file that exists is refused unless "
+        "--overwrite. Outputs are checked for writing, and --tile-size, --max-memory and "
+        "--split against the model and manifest, before any case is read.",
         "Cohort cases run in this process, in --workers N local worker processes (one compute "
         "thread each unless --threads; each loads the model once), or as tasks on a running "
         "Dask cluster (--scheduler tcp://HOST:8786; see docs/cohort.md), with identical bytes "
@@ -85,7 +91,9 @@ def infer(
     split: str | None = typer.Option(
         None, "--split", help="Manifest: only cases of this split (e.g. test)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose output exists."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --output file; cohorts: redo done cases."
+    ),
     shard: str | None = typer.Option(
         None, "--shard", help="i/n: this process takes every n-th case from i (0-based)."
     ),
@@ -124,6 +132,16 @@ def infer(
     scheduler: str | None = scheduler_option(),
     threads: int | None = threads_option(),
     log: Path | None = log_option("OUTPUT/infer.log"),
+    allow_nonuniform: bool = typer.Option(
+        False,
+        "--allow-nonuniform",
+        help="DICOM: accept slices with uneven spacing (resampled to the median; else refused).",
+    ),
+    correct_tilt: bool = typer.Option(
+        False,
+        "--correct-tilt",
+        help="DICOM: accept a CT series acquired with gantry tilt (sheared affine).",
+    ),
 ) -> None:
     from medseg.errors import ReadError
     from medseg.inference.cohort import select_shard
@@ -138,19 +156,23 @@ def infer(
         raise ReadError("give exactly one of --volume, --input-dir or --manifest")
     from medseg.cohort import Where, set_threads
     from medseg.inference.cohort import InferSettings, cohort_plan, load_for_infer
+    from medseg.inference.tiled import check_tiling
 
+    max_bytes = None if max_memory is None else parse_bytes(max_memory)
     settings = InferSettings(
         model=model,
         device=device,
         precision=precision,
         tile_size=_parse_tile_size(tile_size),
-        max_memory=None if max_memory is None else parse_bytes(max_memory),
+        max_memory=max_bytes,
         tta=_infer_tta(model, tta),
         save_probabilities=save_probabilities,
         series=series,
         suffix=suffix,
+        allow_nonuniform=allow_nonuniform,
+        correct_tilt=correct_tilt,
     )
-    _check_infer_paths(volume, output)
+    _check_infer_paths(volume, output, overwrite)
     _warn_if_cut_short(model)
     if volume:
         if workers is not None or scheduler is not None:
@@ -158,7 +180,8 @@ def infer(
         if threads is not None:
             set_threads(threads)
         loaded, heap_kw = load_for_infer(model, device, precision)
-        _infer_one(volume, series, loaded, output, {**settings.predict_kw(), **heap_kw})
+        check_tiling(loaded.model, loaded.plan.spatial_dims, settings.tile_size, max_bytes)
+        _infer_one(volume, settings, loaded, output, heap_kw)
         return
     place = Where(workers=workers, scheduler=scheduler, threads=threads)
     plan = cohort_plan(settings, place)
@@ -196,21 +219,22 @@ def _infer_tta(model: Path, tta: str | None) -> str | None:
     return None if tta == "none" else tta
 
 
-def _check_infer_paths(volume: list[Path] | None, output: Path) -> None:
-    """One-line errors before anything runs: inputs that do not exist, an output file in a
-    missing folder or named as a folder, an output folder that does not exist."""
+def _check_infer_paths(volume: list[Path] | None, output: Path, overwrite: bool) -> None:
+    """One-line errors before anything runs: inputs that do not exist, an output file that
+    cannot be written (missing or read-only folder, a folder in its place, an existing file
+    without --overwrite), an output folder that does not exist or is read-only."""
+    from medseg.atomic import check_writable_folder
     from medseg.errors import ReadError, WriteError
 
     if volume:
-        if not output.parent.is_dir():
-            raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
-        if output.is_dir():
-            raise WriteError(f"{output}: is a folder; give a file name such as pred.nii.gz")
+        check_output_file(output, overwrite)
         for v in volume:
             if not v.exists():
                 raise ReadError(f"{v}: no such file or folder")
     elif not output.is_dir():
         raise WriteError(f"{output}: output folder does not exist; create it first")
+    else:
+        check_writable_folder(output)
 
 
 def _infer_progress() -> Progress:
@@ -228,14 +252,18 @@ def _infer_progress() -> Progress:
 
 
 def _infer_one(
-    volume: list[Path], series: str | None, loaded: LoadedModel, output: Path, kw: dict[str, Any]
+    volume: list[Path],
+    settings: InferSettings,
+    loaded: LoadedModel,
+    output: Path,
+    heap_kw: dict[str, Any],
 ) -> None:
     """Segment the one case of ``--volume`` into ``output``; print the files written."""
     from medseg.inference.case import check_channels, predict_case
     from medseg.inference.cohort import read_case, write_prediction
 
     # read and check before any progress output, so errors stay one line
-    images = read_case(volume, series)
+    images = read_case(volume, settings.series, **settings.dicom_options())
     check_channels(images, loaded.plan)
     with _infer_progress() as bar:
         tiles = bar.add_task("tiles", total=None)
@@ -243,7 +271,8 @@ def _infer_one(
             images,
             loaded,
             progress=lambda done, total: bar.update(tiles, completed=done, total=total),
-            **kw,
+            **settings.predict_kw(),
+            **heap_kw,
         )
         written = write_prediction(pred, output)
     for p in written:
@@ -266,9 +295,7 @@ def _infer_cases(
 
     assert manifest is not None
     m = load_manifest(manifest, data_root)
-    return [
-        CaseInput(c.case_id, list(c.images)) for c in m.cases if split is None or c.split == split
-    ]
+    return [CaseInput(c.case_id, list(c.images)) for c in m.cases_of_split(split)]
 
 
 def _infer_cohort(

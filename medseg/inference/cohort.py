@@ -109,15 +109,18 @@ def select_shard(items: Sequence[Any], shard: str | None) -> list[Any]:
     return list(items)[i::n]
 
 
-def read_case(paths: Sequence[Path], series: str | None = None) -> list[Volume]:
-    """Read one case's channel files (``series`` applies to DICOM inputs only)."""
+def read_case(
+    paths: Sequence[Path], series: str | None = None, **dicom_options: bool
+) -> list[Volume]:
+    """Read one case's channel files; ``series`` and ``dicom_options`` (``allow_nonuniform``,
+    ``correct_tilt``) apply to DICOM inputs only."""
     from medseg.io import read_volume, volume_format
 
     vols = []
     for p in paths:
-        opts: dict[str, Any] = (
-            {"series": series} if series is not None and volume_format(p) == "dicom" else {}
-        )
+        opts: dict[str, Any] = {}
+        if volume_format(p) == "dicom":
+            opts = {**dicom_options, **({"series": series} if series is not None else {})}
         vols.append(read_volume(p, **opts))
     return vols
 
@@ -177,7 +180,8 @@ class InferSettings:
     """How every case of a cohort is segmented; sent to each worker, so plain values only.
 
     ``tile_size`` in voxels, ``max_memory`` in bytes (None: half the available memory),
-    ``tta`` ``"flip"`` or None; ``suffix`` of the output files (None: from the input)."""
+    ``tta`` ``"flip"`` or None; ``suffix`` of the output files (None: from the input);
+    ``allow_nonuniform`` and ``correct_tilt`` go to the DICOM reader."""
 
     model: Path
     device: str = "auto"
@@ -188,6 +192,13 @@ class InferSettings:
     save_probabilities: bool = False
     series: str | None = None
     suffix: str | None = None
+    allow_nonuniform: bool = False
+    correct_tilt: bool = False
+
+    def dicom_options(self) -> dict[str, bool]:
+        """The DICOM reader's options that are set (:func:`read_case`)."""
+        named = {"allow_nonuniform": self.allow_nonuniform, "correct_tilt": self.correct_tilt}
+        return {k: True for k, v in named.items() if v}
 
     def predict_kw(self) -> dict[str, Any]:
         """Keyword arguments of :func:`medseg.inference.case.predict_case`."""
@@ -242,7 +253,7 @@ def segment_case(settings: InferSettings, output_dir: Path, case: CaseInput) -> 
     """Read, segment and write one case (a task: runs in whichever process takes it)."""
     t0 = time.perf_counter()
     loaded, heap_kw, first = worker_model(settings)
-    images = read_case(case.images, settings.series)
+    images = read_case(case.images, settings.series, **settings.dicom_options())
     pred = predict_case(images, loaded, **settings.predict_kw(), **heap_kw)
     written = write_prediction(pred, settings.output(output_dir, case))
     seconds = time.perf_counter() - t0
@@ -314,8 +325,8 @@ def run_cohort(
     if result.failures:
         failures = {k: result.failures[k] for k in order if k in result.failures}
         raise CohortError(
-            f"{len(failures)} of {len(cases)} cases failed; the others were written to "
-            f"{output_dir}",
+            f"{len(failures)} of {len(cases)} cases failed; {len(outcome.done)} written to "
+            f"{output_dir}, {len(outcome.skipped)} skipped (already done)",
             failures,
         )
     return outcome
@@ -323,14 +334,20 @@ def run_cohort(
 
 def cohort_plan(settings: InferSettings, where: Where) -> Any:
     """The model's plan, for the command's process to find and check the cases; the model is
-    checked here too (one clear error before any case runs). In this process (``where`` not
-    parallel) the model is loaded as its cases will use it (:func:`worker_model`); otherwise
-    it is loaded on the CPU, checked, and dropped, and this process's settings stay as they
-    are."""
-    if not where.parallel:
-        return worker_model(settings)[0].plan
-    from medseg.inference.model_folder import load_model
-    from medseg.runtime import check_precision, resolve_device
+    checked here too, with ``--tile-size`` and ``--max-memory`` against it
+    (:func:`medseg.inference.tiled.check_tiling`): one clear error before any case runs.
+    In this process (``where`` not parallel) the model is loaded as its cases will use it
+    (:func:`worker_model`); otherwise it is loaded on the CPU, checked, and dropped, and this
+    process's settings stay as they are."""
+    from medseg.inference.tiled import check_tiling
 
-    check_precision(settings.precision, resolve_device(settings.device))
-    return load_model(settings.model, "cpu").plan
+    if not where.parallel:
+        loaded = worker_model(settings)[0]
+    else:
+        from medseg.inference.model_folder import load_model
+        from medseg.runtime import check_precision, resolve_device
+
+        check_precision(settings.precision, resolve_device(settings.device))
+        loaded = load_model(settings.model, "cpu")
+    check_tiling(loaded.model, loaded.plan.spatial_dims, settings.tile_size, settings.max_memory)
+    return loaded.plan

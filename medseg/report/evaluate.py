@@ -108,8 +108,8 @@ def pairs_from_manifest(
         raise ReadError(f"{pred}: with --manifest, --pred must be a folder of predictions")
     preds = _volume_files(pred)
     pairs = []
-    for c in m.cases:
-        if c.label is None or (split is not None and c.split != split):
+    for c in m.cases_of_split(split):
+        if c.label is None:
             continue
         pairs.append(
             EvalPair(

@@ -316,3 +316,35 @@ def test_infer_on_dask_scheduler_and_workers_from_the_install_survives_a_killed_
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
                 p.wait()
+
+
+def test_any_exception_in_one_case_fails_only_that_case(
+    image_volume: Volume,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Out of memory (or any bug) in one case: the others are written, the case is listed with
+    its cause, the counts are reported, exit 1, no traceback."""
+    import medseg.inference.cohort as cohort
+
+    folder, _ = model_folder(tmp_path, make_plan(depth=1, base=2))
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    out.mkdir()
+    for case in ("a", "b", "c"):
+        write_volume(image_volume, inp / f"{case}.nii.gz")
+    real = cohort.predict_case
+
+    def predict(images, loaded, **kw):  # type: ignore[no-untyped-def]
+        if images[0].meta["source"].endswith("b.nii.gz"):
+            raise MemoryError("cannot allocate 64 GiB")
+        return real(images, loaded, **kw)
+
+    monkeypatch.setattr(cohort, "predict_case", predict)
+    args = ["infer", "--input-dir", str(inp), "--model", str(folder), "--output", str(out)]
+    code, _, err = run_cli([*args, "--device", "cpu"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "failed: b: MemoryError: cannot allocate 64 GiB" in err
+    assert "1 of 3 cases failed; 2 written to" in err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz", "c.nii.gz"]
