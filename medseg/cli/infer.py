@@ -175,6 +175,8 @@ def infer(
     _check_infer_paths(volume, output, overwrite)
     _warn_if_cut_short(model)
     if volume:
+        if workers is not None or scheduler is not None:
+            raise ReadError("--workers and --scheduler run cohorts: use --input-dir or --manifest")
         if threads is not None:
             set_threads(threads)
         loaded, heap_kw = load_for_infer(model, device, precision)

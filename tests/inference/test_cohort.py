@@ -114,8 +114,14 @@ def test_cli_bad_inputs_one_line_exit_2_nothing_written(
         "channel": ["--model", str(folder), "--volume", scan],
         "--precision 'fp8'": [*good, "--precision", "fp8"],
         "does not exist": [*good, "--output", str(tmp_path / "missing" / "p.nii.gz")],
+        "run cohorts": [*good, "--workers", "2"],
     }
-    for what, args in cases.items():
+    cohort = ["--input-dir", str(tmp_path / "noplan"), "--output", str(outdir)]
+    cohorts = {  # checked in this process before any worker starts: no log, no file
+        "refused": ["--model", str(evil), *cohort, "--workers", "2"],
+        "fp8": [*good[:2], *cohort, "--precision", "fp8", "--workers", "2"],
+    }
+    for what, args in [*cases.items(), *cohorts.items()]:
         if "--output" not in args:
             args = [*args, "--output", str(outdir / "pred.nii.gz")]
         code, out, err = run_cli(["infer", "--device", "cpu", *args], capsys)
