@@ -310,7 +310,7 @@ def rss_child(tool: str, work: str, classes: int, base: int, budget: str) -> Non
         loaded = model_folder.load_model(root / "model")
         vol = read_volume(root / "ct.nii.gz")
         stages["read"] = _peak_mib()
-        # the allocator as the command sets it (medseg.cli.infer._load_for_infer)
+        # the allocator as the command sets it (medseg.inference.cohort.load_for_infer)
         heap.return_freed_memory()
         pred = case.predict_case(
             [vol],

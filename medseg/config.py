@@ -57,6 +57,8 @@ class Pipeline:
 def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     """Read and check a pipeline TOML; raise ``PlanError`` naming the file on any problem."""
     p = Path(path)
+    if p.is_dir():
+        raise PlanError(f"{p}: is a folder; give a pipeline TOML file (see pipelines/)")
     if not p.is_file():
         raise PlanError(f"{p}: pipeline file not found; see pipelines/ for examples")
     try:

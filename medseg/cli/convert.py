@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medseg.cli.app import app, console, help_text
+from medseg.cli.app import app, check_output_file, console, help_text
 
 _WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".png", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -87,10 +87,7 @@ def convert(
         raise WriteError(
             f"{output}: cannot write this suffix; use .nii.gz, .nii, .nrrd, .mha, .png or .tif"
         )
-    if not output.parent.is_dir():
-        raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
-    if output.exists() and not overwrite:
-        raise WriteError(f"{output}: already exists; pass --overwrite to replace it")
+    check_output_file(output, overwrite)
     options = {}
     if allow_nonuniform:
         options["allow_nonuniform"] = True
@@ -120,10 +117,7 @@ def _convert_to_dicom(
         raise WriteError(
             f"{output}: a {fmt} object references its image series; pass --reference DICOM_DIR"
         )
-    if not output.parent.is_dir():
-        raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
-    if output.exists() and not overwrite:
-        raise WriteError(f"{output}: already exists; pass --overwrite to replace it")
+    check_output_file(output, overwrite)
     label = read_volume(input, label=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
