@@ -192,18 +192,14 @@ def infer(
     if len(modes) != 1:
         raise ReadError("give exactly one of --volume, --input-dir or --manifest")
     from medseg.cohort import Where, set_threads
-    from medseg.inference.cohort import InferSettings, cohort_plan, load_for_infer
-    from medseg.inference.engine import with_engine
-    from medseg.inference.outputs import check_case_input
-    from medseg.inference.tiled import check_tiling
+    from medseg.inference.cohort import InferSettings, cohort_plan
 
-    max_bytes = None if max_memory is None else parse_bytes(max_memory)
     settings = InferSettings(
         model=model,
         device=device,
         precision=precision,
         tile_size=_parse_tile_size(tile_size),
-        max_memory=max_bytes,
+        max_memory=None if max_memory is None else parse_bytes(max_memory),
         tta=_infer_tta(model, tta),
         save_probabilities=save_probabilities,
         series=series,
@@ -211,8 +207,7 @@ def infer(
         allow_nonuniform=allow_nonuniform,
         correct_tilt=correct_tilt,
         outputs=_output_spec(model, output, fmt, fractional, stats, save_probabilities, volume),
-        engine=_check_engine(engine, device),
-        onnx=onnx,
+        **_engine(engine, onnx, device),
     )
     _check_infer_paths(volume, output, overwrite)
     _warn_if_cut_short(model)
@@ -221,11 +216,7 @@ def infer(
             raise ReadError("--workers and --scheduler run cohorts: use --input-dir or --manifest")
         if threads is not None:
             set_threads(threads)
-        check_case_input(volume, settings.outputs.format, series)
-        loaded, heap_kw = load_for_infer(model, device, precision)
-        loaded = with_engine(loaded, engine, onnx_path=onnx)
-        check_tiling(loaded.model, loaded.plan.spatial_dims, settings.tile_size, max_bytes)
-        _infer_one(volume, settings, loaded, output, heap_kw)
+        _infer_one(volume, settings, *_load_one(volume, settings), output)
         return
     place = Where(workers=workers, scheduler=scheduler, threads=threads)
     plan = cohort_plan(settings, place)
@@ -234,6 +225,22 @@ def infer(
     )
     default_log = f"infer-{shard.replace('/', 'of').strip()}.log" if shard else "infer.log"
     _infer_cohort(cases, settings, place, output, overwrite, log or output / default_log)
+
+
+def _load_one(volume: list[Path], settings: InferSettings) -> tuple[LoadedModel, dict[str, Any]]:
+    """The model of a single case, checked with the case's input, ``--tile-size`` and
+    ``--max-memory`` before any tile runs; its network run by ``--engine``."""
+    from medseg.inference.cohort import load_for_infer
+    from medseg.inference.engine import with_engine
+    from medseg.inference.outputs import check_case_input
+    from medseg.inference.tiled import check_tiling
+
+    check_case_input(volume, settings.outputs.format, settings.series)
+    loaded, heap_kw = load_for_infer(settings.model, settings.device, settings.precision)
+    loaded = with_engine(loaded, settings.engine, onnx_path=settings.onnx)
+    spatial_dims = loaded.plan.spatial_dims
+    check_tiling(loaded.model, spatial_dims, settings.tile_size, settings.max_memory)
+    return loaded, heap_kw
 
 
 def _output_spec(
@@ -250,7 +257,7 @@ def _output_spec(
     ``pipeline.toml`` ``[infer.dicom_codes]``."""
     from medseg.config import dicom_codes, load_pipeline
     from medseg.errors import WriteError
-    from medseg.inference.outputs import OutputSpec, resolve_format
+    from medseg.inference.outputs import DICOM_FORMATS, OutputSpec, resolve_format
 
     resolved = resolve_format(output, fmt, cohort=not volume)
     if fractional and resolved != "dicom-seg":
@@ -258,13 +265,18 @@ def _output_spec(
             "--fractional writes a FRACTIONAL DICOM-SEG: name the output .dcm or pass "
             "--format dicom-seg"
         )
+    if save_probabilities and resolved in DICOM_FORMATS:
+        raise WriteError(
+            f"--save-probabilities writes NIfTI beside label images; a {resolved} output "
+            "carries probabilities as --fractional (DICOM-SEG)"
+        )
     run_toml = model / "pipeline.toml"
     codes = dicom_codes(load_pipeline(run_toml).infer, run_toml) if run_toml.is_file() else {}
-    return OutputSpec(resolved, fractional, stats, save_probabilities, codes)
+    return OutputSpec(resolved, fractional, stats, codes)
 
 
-def _check_engine(engine: str, device: str) -> str:
-    """``--engine``, checked: onnxruntime runs here on the CPU only."""
+def _engine(engine: str, onnx: Path | None, device: str) -> dict[str, Any]:
+    """``--engine`` (checked: onnxruntime runs here on the CPU only) and ``--onnx``."""
     from medseg.errors import ModelError
     from medseg.inference.engine import ENGINES
 
@@ -272,7 +284,7 @@ def _check_engine(engine: str, device: str) -> str:
         raise ModelError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if engine == "onnxruntime" and device not in ("cpu", "auto"):
         raise ModelError(f"--engine onnxruntime runs on the CPU; drop --device {device}")
-    return engine
+    return {"engine": engine, "onnx": onnx}
 
 
 def _warn(message: str) -> None:
@@ -342,8 +354,8 @@ def _infer_one(
     volume: list[Path],
     settings: InferSettings,
     loaded: LoadedModel,
-    output: Path,
     heap_kw: dict[str, Any],
+    output: Path,
 ) -> None:
     """Segment the one case of ``--volume`` into ``output``; print the files written."""
     from medseg.inference.case import check_channels, predict_case

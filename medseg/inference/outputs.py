@@ -46,19 +46,19 @@ STATS_CSV = "stats.csv"
 @dataclass(frozen=True)
 class OutputSpec:
     """How predictions are written: ``format`` (one of :data:`FORMATS`; None: from the
-    output's suffix), FRACTIONAL DICOM-SEG, statistics, probabilities beside the labels, and
-    coded concepts per label value (``[infer.dicom_codes]``)."""
+    output's suffix), FRACTIONAL DICOM-SEG, statistics, and coded concepts per label value
+    (``[infer.dicom_codes]``). Probabilities a prediction carries are written beside label
+    images (``--save-probabilities``); DICOM outputs carry them as FRACTIONAL segments."""
 
     format: str | None = None
     fractional: bool = False
     stats: bool = False
-    save_probabilities: bool = False
     codes: Mapping[Any, Mapping[str, Sequence[str]]] = field(default_factory=dict)
 
     @property
     def needs_probabilities(self) -> bool:
         """Whether the prediction must keep class probabilities on the scan's grid."""
-        return self.save_probabilities or (self.fractional and self.format == "dicom-seg")
+        return self.fractional and self.format == "dicom-seg"
 
 
 def resolve_format(output: Path, fmt: str | None, *, cohort: bool = False) -> str | None:
@@ -182,8 +182,7 @@ def write_outputs(
         raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
     fmt = spec.format
     if fmt not in DICOM_FORMATS:
-        labels_only = pred if spec.save_probabilities else CasePrediction(pred.labels)
-        written = write_prediction(labels_only, output)
+        written = write_prediction(pred, output)
     else:
         written = [_write_dicom(pred, Path(paths[0]), output, plan, spec, series)]
     if spec.stats:

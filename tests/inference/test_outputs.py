@@ -8,6 +8,7 @@ voxel of its band; RTSTRUCT contours rasterised on the source slices match the b
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import warnings
@@ -26,12 +27,13 @@ from medseg.inference.cohort import read_case
 from medseg.inference.model_folder import LoadedModel
 from medseg.inference.outputs import (
     OutputSpec,
+    case_output,
     check_case_input,
     resolve_format,
     write_outputs,
 )
 from medseg.io.dicom_source import MedsegDicomWarning
-from tests.inference.helpers import Bands, bands_logits, make_plan
+from tests.inference.helpers import Bands, bands_logits, make_plan, model_folder, run_cli
 from tests.io.dicom_fixtures import frame_geometry, pixel_world_ras
 
 #: single-frame, enhanced multi-frame (Philips, float reference), JPEG 2000
@@ -224,7 +226,107 @@ def test_format_from_the_output_name_or_given() -> None:
     assert resolve_format(Path("r.mha"), None) is None
     assert resolve_format(Path("rt.dcm"), "rtstruct") == "rtstruct"
     assert resolve_format(Path("out"), None, cohort=True) is None
+    assert case_output(Path("o"), "c1", "rtstruct", ".nii.gz") == Path("o/c1_rtstruct.dcm")
+    assert case_output(Path("o"), "c1", None, ".nrrd") == Path("o/c1.nrrd")
     with pytest.raises(WriteError, match="name it .dcm"):
         resolve_format(Path("r.nii.gz"), "dicom-seg")
     with pytest.raises(WriteError, match="expected one of"):
         resolve_format(Path("r.dcm"), "png")
+
+
+# -- the command line ------------------------------------------------------------------------
+@pytest.fixture
+def run_folder(tmp_path: Path) -> Path:
+    """A model folder of a small random 3-class U-Net whose pipeline codes label 1."""
+    plan = dataclasses.replace(
+        make_plan(dims=3, label_values=(0, 1, 2)), class_names=["background", "rim", "core"]
+    )
+    folder, _ = model_folder(tmp_path, plan)
+    (folder / "pipeline.toml").write_text(
+        'name = "t"\n[infer.dicom_codes.1]\ntype = ["SCT", "10200004", "Liver"]\n'
+    )
+    return folder
+
+
+def test_cli_dcm_output_is_a_seg_of_the_input_series_on_the_nifti_voxels(
+    data_root: Path, tmp_path: Path, run_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = data_root / "dicom" / "siemens_mr_sagittal" / "dicom"
+    common = ["infer", "--volume", str(folder), "--model", str(run_folder), "--tile-size", "36"]
+    code, out, err = run_cli([*common, "--output", str(tmp_path / "result.dcm"), "--stats"], capsys)
+    assert code == 0, err
+    assert out.split() == [str(tmp_path / "result.dcm"), str(tmp_path / "result_stats.json")]
+    assert run_cli([*common, "--output", str(tmp_path / "pred.nii.gz")], capsys)[0] == 0
+    seg = hd.seg.segread(tmp_path / "result.dcm")
+    src = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == src.SeriesInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["rim", "core"]
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "85756007"
+    pred = nib.load(tmp_path / "pred.nii.gz")
+    labels = np.asarray(pred.dataobj)
+    placed = np.zeros_like(labels)
+    for number, v, pixels in _placed(tmp_path / "result.dcm", pred):
+        placed[v[0, pixels > 0], v[1, pixels > 0], v[2, pixels > 0]] = number
+    assert np.array_equal(placed, labels)
+    doc = json.loads((tmp_path / "result_stats.json").read_text())
+    assert [e["voxels"] for e in doc["labels"]] == [int((labels == v).sum()) for v in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--output", "{t}/r.dcm", "--volume", "{nifti}"], "needs a DICOM series as input"),
+        (["--output", "{t}/r.nii.gz", "--volume", "{dicom}", "--fractional"], "FRACTIONAL"),
+        (["--output", "{t}/r.nii.gz", "--volume", "{dicom}", "--format", "rtstruct"], ".dcm"),
+        (["--output", "{t}/r.dcm", "--volume", "{dicom}", "--save-probabilities"], "--fractional"),
+        (["--output", "{t}/r.dcm", "--volume", "{enhanced}", "--format", "rtstruct"], "DICOM-SEG"),
+        (["--output", "{t}/r.dcm", "--volume", "{dicom}", "--engine", "onnxruntime"], "export"),
+    ],
+)
+def test_cli_bad_output_requests_are_one_line_exit_2_nothing_written(
+    data_root: Path,
+    tmp_path: Path,
+    run_folder: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    d = data_root / "dicom"
+    names = {
+        "t": tmp_path / "out",
+        "nifti": d / "siemens_mr_sagittal" / "reference.nii.gz",
+        "dicom": d / "siemens_mr_sagittal" / "dicom",
+        "enhanced": d / "philips_enhanced_multiframe_mr" / "dicom",
+    }
+    (tmp_path / "out").mkdir()
+    args = [a.format(**names) for a in extra]
+    code, _, err = run_cli(["infer", "--model", str(run_folder), *args], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_cli_cohort_of_dicom_series_writes_segs_stats_csv_and_lists_the_bad_case(
+    data_root: Path, tmp_path: Path, run_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    d = data_root / "dicom"
+    (cases / "a").symlink_to(d / "jpeg2000_mr" / "dicom")
+    (cases / "b").symlink_to(d / "jpegls_mr" / "dicom")
+    (cases / "c.nii.gz").symlink_to(d / "jpegls_mr" / "reference.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["infer", "--input-dir", str(cases), "--model", str(run_folder), "--output", str(out)]
+    code, _, err = run_cli([*args, "--format", "dicom-seg", "--stats", "--tile-size", "36"], capsys)
+    assert code == 1 and "failed: c:" in err and "needs a DICOM series" in err
+    written = sorted(p.name for p in out.iterdir() if not p.name.endswith(".log"))
+    assert written == ["a_seg.dcm", "a_seg_stats.json", "b_seg.dcm", "b_seg_stats.json",
+                       "stats.csv"]  # fmt: skip
+    assert pydicom.dcmread(out / "a_seg.dcm").Modality == "SEG"
+    rows = list(csv.DictReader((out / "stats.csv").open()))
+    assert [(r["case_id"], r["name"]) for r in rows] == [
+        ("a", "rim"), ("a", "core"), ("b", "rim"), ("b", "core")
+    ]  # fmt: skip
+    # a and b are the same pixels in two transfer syntaxes: the same structures
+    assert rows[0]["voxels"] == rows[2]["voxels"] and rows[1]["mean_ch0"] == rows[3]["mean_ch0"]
