@@ -194,7 +194,7 @@ EXISTING = {
     "manifest import-folders": "m.json",
 }
 WRITERS = ("convert", "infer", "evaluate", "manifest import-msd", "manifest import-folders")
-WRITERS += ("preprocess", "train")
+WRITERS += ("preprocess", "train", "demo")
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -300,7 +300,7 @@ def test_unwritable_output_is_refused_before_any_scan_is_read(
     reads: list[Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    role, argv = COMMANDS[command]
+    role, argv = COMMANDS.get(command, ("image", lambda w, i, o: [command, "--out", str(o / "x")]))
     good = _good(world, role)
     before = tree(world.root)
     code, _, err = run(argv(world, good, read_only), capsys)

@@ -94,7 +94,7 @@ def evaluate(
     threads: int | None = threads_option(),
     log: Path | None = log_option("OUT/evaluate.log"),
 ) -> None:
-    from medseg.atomic import check_writable_folder
+    from medseg.atomic import check_writable, check_writable_folder
     from medseg.cohort import CaseLog, Where
     from medseg.errors import ReadError
     from medseg.report.evaluate import (
@@ -124,6 +124,8 @@ def evaluate(
     }
     place = Where(workers=workers, scheduler=scheduler, threads=threads)
     check_writable_folder(out)  # before the log goes there
+    if log is not None:
+        check_writable(log)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     header = f"evaluate {len(pairs)} case(s) in {place.describe()}"
