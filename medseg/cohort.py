@@ -444,11 +444,13 @@ class CaseLog:
 
     def line(self, text: str, show: bool | None = True) -> None:
         """Keep ``text`` in the log and print it above the bar (``show`` None: only on a
-        terminal, so that pipes and captured output get the command's result lines alone)."""
-        if show or (show is None and self._bar.console.is_terminal):
-            self._bar.console.print(text, highlight=False, markup=False)
+        terminal, so that pipes and captured output get the command's result lines alone).
+        The log is written first: when it cannot be (disk full), the error is the one line
+        the user sees."""
         self._lines.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}")
         self._flush()
+        if show or (show is None and self._bar.console.is_terminal):
+            self._bar.console.print(text, highlight=False, markup=False)
 
     def __call__(self, event: CaseEvent) -> None:
         if event.stage not in self._tasks:

@@ -115,6 +115,13 @@ def _input(w: World, role: str, fault: str) -> Path:
     return w.inp / f"{fault}_{stem}{suffix}"
 
 
+def _good(w: World, role: str) -> Path:
+    """A good input of ``role``."""
+    names = {"image": "img.nii.gz", "manifest": "m.json", "msd": "dataset.json",
+             "pipeline": "p.toml", "folder": "good_images"}  # fmt: skip
+    return w.inp / names[role]
+
+
 # Each command: the role of its input, and its argv for an input and an output path.
 Argv = Callable[[World, Path, Path], list[str]]
 COMMANDS: dict[str, tuple[str, Argv]] = {
@@ -187,7 +194,7 @@ EXISTING = {
     "manifest import-folders": "m.json",
 }
 WRITERS = ("convert", "infer", "evaluate", "manifest import-msd", "manifest import-folders")
-WRITERS += ("preprocess", "train")
+WRITERS += ("preprocess", "train", "demo")
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -293,10 +300,8 @@ def test_unwritable_output_is_refused_before_any_scan_is_read(
     reads: list[Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    role, argv = COMMANDS[command]
-    good = {"image": world.inp / "img.nii.gz", "manifest": world.inp / "m.json",
-            "msd": world.inp / "dataset.json", "pipeline": world.inp / "p.toml",
-            "folder": world.inp / "good_images"}[role]  # fmt: skip
+    role, argv = COMMANDS.get(command, ("image", lambda w, i, o: [command, "--out", str(o / "x")]))
+    good = _good(world, role)
     before = tree(world.root)
     code, _, err = run(argv(world, good, read_only), capsys)
     assert code == 2, err
@@ -311,8 +316,7 @@ def test_existing_output_is_refused_without_overwrite_and_left_as_it_was(
     world: World, command: str, reads: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     role, argv = COMMANDS[command]
-    good = {"image": world.inp / "img.nii.gz", "msd": world.inp / "dataset.json",
-            "folder": world.inp / "good_images"}[role]  # fmt: skip
+    good = _good(world, role)
     out = world.root / "out"
     out.mkdir()
     (out / EXISTING[command]).write_text("precious earlier result\n")
@@ -440,3 +444,59 @@ def test_every_test_docs_robustness_cites_exists() -> None:
     for path in (REPO / "tests").rglob("test_*.py"):
         defined |= set(re.findall(r"^def (test_[a-z0-9_]+)\(", path.read_text(), re.M))
     assert len(cited) >= 20 and cited <= defined, sorted(cited - defined)
+
+
+# -- a full disk, NaN voxels ------------------------------------------------------------------
+#: Exit code of each writing command when the disk is full: 2 where the command writes one
+#: result, 1 where each case of a cohort fails on its own (preprocess's first write, its log,
+#: is not a case: it fails the command).
+FULL_DISK = {"convert": 2, "infer": 2, "evaluate": 2, "manifest import-msd": 2,
+             "manifest import-folders": 2, "preprocess": 2}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(FULL_DISK))
+def test_full_disk_is_one_line_and_leaves_no_file(
+    world: World,
+    command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The disk fills while a result is written: a file system with delayed allocation says
+    so when the file is synced (ENOSPC from ``fsync``), after the bytes were handed over."""
+    role, argv = COMMANDS[command]
+    good = _good(world, role)
+    out = world.root / "out"
+    out.mkdir()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    before = tree(world.root)
+    code, _, err = run(argv(world, good, out), capsys)
+    assert code == FULL_DISK[command], err
+    line = one_line(err)
+    assert "disk full while writing to" in line and str(out) in line, line
+    assert tree(world.root) == before  # no temporary, no half file, no empty folder
+
+
+def test_nan_voxels_are_named_by_every_command_that_reads_scans(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = nib.load(world.inp / "img.nii.gz").get_fdata().astype(np.float32)
+    img[0, 0, 0] = np.nan
+    img[1, 1, 1] = np.inf
+    _nifti(world.inp / "img.nii.gz", img)  # the manifest's case now has them too
+    out = world.root / "out"
+    out.mkdir()
+    code, _, err = run(["inspect", str(world.inp / "img.nii.gz")], capsys)
+    assert code == 0 and "1 NaN, 1 infinite voxels" in err  # described, with a warning
+    for command in ("infer", "manifest check"):
+        argv = COMMANDS[command][1](world, world.inp / ("m.json" if "manifest" in command
+                                                        else "img.nii.gz"), out)  # fmt: skip
+        before = tree(world.root)
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "NaN" in err and "img.nii.gz" in err, err
+        assert tree(world.root) == before
+    code, _, err = run(COMMANDS["preprocess"][1](world, world.inp / "m.json", out), capsys)
+    assert code == 1 and "failed: c1: " in err and "NaN" in err  # the case fails, is named

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,7 +94,7 @@ def evaluate(
     threads: int | None = threads_option(),
     log: Path | None = log_option("OUT/evaluate.log"),
 ) -> None:
-    from medseg.atomic import check_writable_folder
+    from medseg.atomic import check_writable, check_writable_folder
     from medseg.cohort import CaseLog, Where
     from medseg.errors import ReadError
     from medseg.report.evaluate import (
@@ -122,9 +124,12 @@ def evaluate(
     }
     place = Where(workers=workers, scheduler=scheduler, threads=threads)
     check_writable_folder(out)  # before the log goes there
+    if log is not None:
+        check_writable(log)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     header = f"evaluate {len(pairs)} case(s) in {place.describe()}"
-    with CaseLog(console, log or out / "evaluate.log") as bar:
+    with _removed_if_left_empty(out, created), CaseLog(console, log or out / "evaluate.log") as bar:
         result = evaluate_cohort(
             pairs,
             out,
@@ -160,6 +165,19 @@ def evaluate(
             f"{len(result.failures)} of {len(pairs)} case(s) failed; see {out / 'report.html'}",
             result.failures,
         )
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(folder: Path, created: bool) -> Iterator[None]:
+    """Remove ``folder``, made by this command, when it fails before writing anything there
+    (a refused or full output folder is not left behind empty)."""
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
 
 
 def _log_event(bar: CaseLog, header: str, event: CaseEvent) -> None:

@@ -191,6 +191,7 @@ def infer(
     ]
     if len(modes) != 1:
         raise ReadError("give exactly one of --volume, --input-dir or --manifest")
+    from medseg.atomic import check_writable
     from medseg.cohort import Where, set_threads
     from medseg.inference.cohort import InferSettings, cohort_plan
 
@@ -210,6 +211,8 @@ def infer(
         **_engine(engine, onnx, device),
     )
     _check_infer_paths(volume, output, overwrite)
+    if log is not None:
+        check_writable(log)
     _warn_if_cut_short(model)
     if volume:
         if workers is not None or scheduler is not None:
