@@ -184,13 +184,7 @@ def infer(
     from medseg.inference.cohort import select_shard
     from medseg.runtime import parse_bytes
 
-    modes = [
-        m
-        for m, v in (("--volume", volume), ("--input-dir", input_dir), ("--manifest", manifest))
-        if v
-    ]
-    if len(modes) != 1:
-        raise ReadError("give exactly one of --volume, --input-dir or --manifest")
+    _check_one_input(volume, input_dir, manifest)
     from medseg.atomic import check_writable
     from medseg.cohort import Where, set_threads
     from medseg.inference.cohort import InferSettings, cohort_plan
@@ -228,6 +222,15 @@ def infer(
     )
     default_log = f"infer-{shard.replace('/', 'of').strip()}.log" if shard else "infer.log"
     _infer_cohort(cases, settings, place, output, overwrite, log or output / default_log)
+
+
+def _check_one_input(volume: Any, input_dir: Path | None, manifest: Path | None) -> None:
+    """Exactly one of ``--volume``, ``--input-dir`` and ``--manifest``."""
+    from medseg.errors import ReadError
+
+    given = [v for v in (volume, input_dir, manifest) if v]
+    if len(given) != 1:
+        raise ReadError("give exactly one of --volume, --input-dir or --manifest")
 
 
 def _load_one(volume: list[Path], settings: InferSettings) -> tuple[LoadedModel, dict[str, Any]]:
