@@ -51,7 +51,11 @@ def _check_parent(path: Path) -> None:
 def _write_error(target: Path, exc: OSError, folder: Path | None = None) -> WriteError:
     """One line for the OS errors a user can fix: disk full, read-only, no permission.
 
-    ``folder`` is where the write was refused (default: ``target``'s own folder)."""
+    ``folder`` is where the write was refused (default: ``target``'s own folder). A short
+    write without an errno (numpy's ``tofile``: "N requested and M written") on a file system
+    with no space left is a full disk too."""
+    if exc.errno is None and _no_space_left(folder or target.parent):
+        exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         why = "file too large for" if exc.errno == errno.EFBIG else "disk full while writing to"
         return WriteError(f"{target}: {why} {folder or target.parent}; free space and rerun")
@@ -60,7 +64,16 @@ def _write_error(target: Path, exc: OSError, folder: Path | None = None) -> Writ
             f"{target}: cannot write to {folder or target.parent} "
             f"({os.strerror(exc.errno).lower()}); choose a writable output folder"
         )
-    return WriteError(f"{target}: cannot write ({exc.strerror}); check the output folder")
+    return WriteError(f"{target}: cannot write ({exc.strerror or exc}); check the output folder")
+
+
+def _no_space_left(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has less than one block free for this user."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < max(st.f_frsize, 4096)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -140,8 +153,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
         _fsync_folder(target.parent)
     except OSError as exc:
+        error = _write_error(target, exc)  # before the unlink frees the space it ran out of
         tmp.unlink(missing_ok=True)
-        raise _write_error(target, exc) from exc
+        raise error from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -129,7 +129,8 @@ def evaluate(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     header = f"evaluate {len(pairs)} case(s) in {place.describe()}"
-    with _removed_if_left_empty(out, created), CaseLog(console, log or out / "evaluate.log") as bar:
+    log = log or out / "evaluate.log"
+    with _removed_on_failure(out, created, log), CaseLog(console, log) as bar:
         result = evaluate_cohort(
             pairs,
             out,
@@ -168,15 +169,18 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _removed_if_left_empty(folder: Path, created: bool) -> Iterator[None]:
-    """Remove ``folder``, made by this command, when it fails before writing anything there
-    (a refused or full output folder is not left behind empty)."""
+def _removed_on_failure(folder: Path, created: bool, log: Path) -> Iterator[None]:
+    """Remove ``folder``, made by this command, with the log this run wrote in it, when the
+    command fails before its report is written (a full disk leaves no folder holding a lone
+    log); a folder that existed before is left as it was, the report files untouched."""
     try:
         yield
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty
+                if log.parent.resolve() == folder.resolve():
+                    log.unlink(missing_ok=True)
+                folder.rmdir()  # only when nothing else is in it
         raise
 
 

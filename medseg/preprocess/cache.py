@@ -119,8 +119,9 @@ def write_case(
     except BaseException:
         for name in _CASE_FILES:
             (d / name).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            d.rmdir()  # only when empty
+        for folder in (d, d.parent):  # the case folder, then cases/ if this was its first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
         raise
 
 

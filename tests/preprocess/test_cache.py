@@ -129,5 +129,5 @@ def test_disk_full_leaves_no_file_of_the_case_and_no_empty_folder(
     d = cache.case_dir(tmp_path, "c1")
     # the case is redone whole or not at all: no half file, no temporary, no stale file of
     # the old case beside a missing case.json, no empty folder
-    assert not d.exists()
+    assert not d.exists() and not d.parent.exists()  # nor an empty cases/ folder
     assert cache.list_cases(tmp_path) == []  # not complete: will be redone
