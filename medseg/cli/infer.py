@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from medseg.cohort import Where
     from medseg.inference.cohort import CaseInput, InferSettings
     from medseg.inference.model_folder import LoadedModel
+    from medseg.inference.outputs import OutputSpec
 
 
 def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
@@ -29,6 +32,29 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ModelError(f"--tile-size {text!r}: expected voxels, e.g. 96 or 96,96,64")
     return int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts)
+
+
+_FORMAT = typer.Option(
+    None,
+    "--format",
+    help="nifti, nrrd, dicom-seg or rtstruct (default: from --output's suffix, .dcm = "
+    "dicom-seg; cohorts: the input's). DICOM outputs need DICOM series as inputs.",
+)
+_FRACTIONAL = typer.Option(
+    False, "--fractional", help="DICOM-SEG: FRACTIONAL segments from the class probabilities."
+)
+_STATS = typer.Option(
+    False,
+    "--stats",
+    help="Also write NAME_stats.json (per label: voxels, mL, RAS+ box and centroid in mm, "
+    "channel mean/sd); a cohort also stats.csv.",
+)
+_ENGINE = typer.Option(
+    "torch", "--engine", help="torch, or onnxruntime (CPU; runs the model folder's model.onnx)."
+)
+_ONNX = typer.Option(
+    None, "--onnx", help="--engine onnxruntime: the exported graph (default MODEL/model.onnx)."
+)
 
 
 @app.command(
@@ -65,12 +91,18 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
         "--tile-size forces it. Labels are streamed tile by tile into one integer array "
         "(memory-mapped to a temporary file when large); probabilities are kept only with "
         "--save-probabilities (written as NAME_probabilities.nii.gz).",
+        "Outputs: a label image (NIfTI, NRRD, ...), or of a DICOM input a DICOM-SEG (.dcm "
+        "output or --format dicom-seg; --fractional for probabilities) or an RT Structure Set "
+        "(--format rtstruct) referencing its images; cohort cases are CASE_seg.dcm / "
+        "CASE_rtstruct.dcm. --stats adds structure statistics. --engine onnxruntime runs the "
+        "graph of medseg export.",
         "Examples:\n\n"
         "  medseg infer --volume scan.nii.gz --model runs/ct --output pred.nii.gz\n\n"
         "  medseg infer --volume flair.nii.gz --volume t1c.nii.gz --model runs/brats "
         "--output pred.nii.gz --tta flip\n\n"
         "  medseg infer --input-dir imagesTs --model runs/ct --output preds --shard 0/4\n\n"
-        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --workers 2",
+        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --workers 2\n\n"
+        "  medseg infer --volume study/dicom/ --model runs/ct --output result.dcm --stats",
     ),
 )
 def infer(
@@ -142,36 +174,35 @@ def infer(
         "--correct-tilt",
         help="DICOM: accept a CT series acquired with gantry tilt (sheared affine).",
     ),
+    fmt: str | None = _FORMAT,
+    fractional: bool = _FRACTIONAL,
+    stats: bool = _STATS,
+    engine: str = _ENGINE,
+    onnx: Path | None = _ONNX,
 ) -> None:
     from medseg.errors import ReadError
     from medseg.inference.cohort import select_shard
     from medseg.runtime import parse_bytes
 
-    modes = [
-        m
-        for m, v in (("--volume", volume), ("--input-dir", input_dir), ("--manifest", manifest))
-        if v
-    ]
-    if len(modes) != 1:
-        raise ReadError("give exactly one of --volume, --input-dir or --manifest")
+    _check_one_input(volume, input_dir, manifest)
     from medseg.atomic import check_writable
     from medseg.cohort import Where, set_threads
-    from medseg.inference.cohort import InferSettings, cohort_plan, load_for_infer
-    from medseg.inference.tiled import check_tiling
+    from medseg.inference.cohort import InferSettings, cohort_plan
 
-    max_bytes = None if max_memory is None else parse_bytes(max_memory)
     settings = InferSettings(
         model=model,
         device=device,
         precision=precision,
         tile_size=_parse_tile_size(tile_size),
-        max_memory=max_bytes,
+        max_memory=None if max_memory is None else parse_bytes(max_memory),
         tta=_infer_tta(model, tta),
         save_probabilities=save_probabilities,
         series=series,
         suffix=suffix,
         allow_nonuniform=allow_nonuniform,
         correct_tilt=correct_tilt,
+        outputs=_output_spec(model, output, fmt, fractional, stats, save_probabilities, volume),
+        **_engine(engine, onnx, device),
     )
     _check_infer_paths(volume, output, overwrite)
     if log is not None:
@@ -182,9 +213,7 @@ def infer(
             raise ReadError("--workers and --scheduler run cohorts: use --input-dir or --manifest")
         if threads is not None:
             set_threads(threads)
-        loaded, heap_kw = load_for_infer(model, device, precision)
-        check_tiling(loaded.model, loaded.plan.spatial_dims, settings.tile_size, max_bytes)
-        _infer_one(volume, settings, loaded, output, heap_kw)
+        _infer_one(volume, settings, *_load_one(volume, settings), output)
         return
     place = Where(workers=workers, scheduler=scheduler, threads=threads)
     plan = cohort_plan(settings, place)
@@ -193,6 +222,79 @@ def infer(
     )
     default_log = f"infer-{shard.replace('/', 'of').strip()}.log" if shard else "infer.log"
     _infer_cohort(cases, settings, place, output, overwrite, log or output / default_log)
+
+
+def _check_one_input(volume: Any, input_dir: Path | None, manifest: Path | None) -> None:
+    """Exactly one of ``--volume``, ``--input-dir`` and ``--manifest``."""
+    from medseg.errors import ReadError
+
+    given = [v for v in (volume, input_dir, manifest) if v]
+    if len(given) != 1:
+        raise ReadError("give exactly one of --volume, --input-dir or --manifest")
+
+
+def _load_one(volume: list[Path], settings: InferSettings) -> tuple[LoadedModel, dict[str, Any]]:
+    """The model of a single case, checked with the case's input, ``--tile-size`` and
+    ``--max-memory`` before any tile runs; its network run by ``--engine``."""
+    from medseg.inference.cohort import load_for_infer
+    from medseg.inference.engine import with_engine
+    from medseg.inference.outputs import check_case_input
+    from medseg.inference.tiled import check_tiling
+
+    check_case_input(volume, settings.outputs.format, settings.series)
+    loaded, heap_kw = load_for_infer(settings.model, settings.device, settings.precision)
+    loaded = with_engine(loaded, settings.engine, onnx_path=settings.onnx)
+    spatial_dims = loaded.plan.spatial_dims
+    check_tiling(loaded.model, spatial_dims, settings.tile_size, settings.max_memory)
+    return loaded, heap_kw
+
+
+def _output_spec(
+    model: Path,
+    output: Path,
+    fmt: str | None,
+    fractional: bool,
+    stats: bool,
+    save_probabilities: bool,
+    volume: list[Path] | None,
+) -> OutputSpec:
+    """What each case is written as: ``--format`` (or the output file's suffix), FRACTIONAL,
+    statistics, probabilities, and the coded concepts of the model folder's
+    ``pipeline.toml`` ``[infer.dicom_codes]``."""
+    from medseg.config import dicom_codes, load_pipeline
+    from medseg.errors import WriteError
+    from medseg.inference.outputs import DICOM_FORMATS, OutputSpec, resolve_format
+
+    resolved = resolve_format(output, fmt, cohort=not volume)
+    if fractional and resolved != "dicom-seg":
+        raise WriteError(
+            "--fractional writes a FRACTIONAL DICOM-SEG: name the output .dcm or pass "
+            "--format dicom-seg"
+        )
+    if save_probabilities and resolved in DICOM_FORMATS:
+        raise WriteError(
+            f"--save-probabilities writes NIfTI beside label images; a {resolved} output "
+            "carries probabilities as --fractional (DICOM-SEG)"
+        )
+    run_toml = model / "pipeline.toml"
+    codes = dicom_codes(load_pipeline(run_toml).infer, run_toml) if run_toml.is_file() else {}
+    return OutputSpec(resolved, fractional, stats, codes)
+
+
+def _engine(engine: str, onnx: Path | None, device: str) -> dict[str, Any]:
+    """``--engine`` (checked: onnxruntime runs here on the CPU only) and ``--onnx``."""
+    from medseg.errors import ModelError
+    from medseg.inference.engine import ENGINES
+
+    if engine not in ENGINES:
+        raise ModelError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "onnxruntime" and device not in ("cpu", "auto"):
+        raise ModelError(f"--engine onnxruntime runs on the CPU; drop --device {device}")
+    return {"engine": engine, "onnx": onnx}
+
+
+def _warn(message: str) -> None:
+    console.print(f"medseg: warning: {message}", highlight=False, soft_wrap=True)
 
 
 def _warn_if_cut_short(model: Path) -> None:
@@ -258,12 +360,13 @@ def _infer_one(
     volume: list[Path],
     settings: InferSettings,
     loaded: LoadedModel,
-    output: Path,
     heap_kw: dict[str, Any],
+    output: Path,
 ) -> None:
     """Segment the one case of ``--volume`` into ``output``; print the files written."""
     from medseg.inference.case import check_channels, predict_case
-    from medseg.inference.cohort import read_case, write_prediction
+    from medseg.inference.cohort import read_case
+    from medseg.inference.outputs import reported_dicom_warnings, write_outputs
 
     # read and check before any progress output, so errors stay one line
     images = read_case(volume, settings.series, **settings.dicom_options())
@@ -277,7 +380,10 @@ def _infer_one(
             **settings.predict_kw(),
             **heap_kw,
         )
-        written = write_prediction(pred, output)
+        with reported_dicom_warnings(_warn):
+            written = write_outputs(
+                pred, images, volume, output, loaded.plan, settings.outputs, series=settings.series
+            )
     for p in written:
         print(p)
 
@@ -313,8 +419,10 @@ def _infer_cohort(
     cases with the workers' count, each case event also a line in ``log``; print the counts."""
     from medseg.cohort import CaseLog
     from medseg.inference.cohort import run_cohort
+    from medseg.inference.outputs import reported_dicom_warnings
 
-    with CaseLog(console, log) as bar:
+    stats = _cohort_stats(cases, settings, output)
+    with reported_dicom_warnings(_warn), stats, CaseLog(console, log) as bar:
         bar.line(f"infer {len(cases)} case(s) with {settings.model} in {place.describe()}")
         outcome = run_cohort(cases, settings, output, overwrite=overwrite, where=place,
                              on_event=bar)  # fmt: skip
@@ -322,3 +430,19 @@ def _infer_cohort(
         f"{output}: {len(outcome.done)} cases written, {len(outcome.skipped)} skipped "
         "(already done)"
     )
+
+
+@contextmanager
+def _cohort_stats(cases: list[CaseInput], settings: InferSettings, output: Path) -> Iterator[None]:
+    """With ``--stats``, after the cohort (finished or not): ``stats.csv`` from the stats of
+    every case written, and its path printed."""
+    try:
+        yield
+    finally:
+        if settings.outputs.stats:
+            from medseg.inference.outputs import write_cohort_stats
+
+            outs = {c.case_id: settings.output(output, c) for c in cases}
+            table = write_cohort_stats(output, outs)
+            if table is not None:
+                print(table)

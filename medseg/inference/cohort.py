@@ -28,8 +28,11 @@ from typing import Any
 
 from medseg.cohort import CaseEvent, Where, cached, run_tasks
 from medseg.errors import CohortError, MedsegError, ReadError, WriteError
-from medseg.inference.case import CasePrediction, predict_case
+from medseg.inference.case import predict_case
 from medseg.inference.model_folder import LoadedModel
+from medseg.inference.outputs import OutputSpec, case_output, check_case_input, write_outputs
+from medseg.inference.outputs import probabilities_path as probabilities_path  # re-exported
+from medseg.inference.outputs import write_prediction as write_prediction  # re-exported
 from medseg.inference.tiled import TileLayout
 from medseg.io import split_suffix
 from medseg.volume import Volume
@@ -50,12 +53,6 @@ def output_suffix(first_input: Path, suffix: str | None = None) -> str:
     if s in (".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".bmp"):
         return ".png"
     return ".nii.gz"
-
-
-def probabilities_path(output: Path) -> Path:
-    """Where ``--save-probabilities`` writes: ``<stem>_probabilities.nii.gz`` beside the labels."""
-    stem, _ = split_suffix(output)
-    return output.with_name(f"{stem}_probabilities.nii.gz")
 
 
 @dataclass(frozen=True)
@@ -125,22 +122,6 @@ def read_case(
     return vols
 
 
-def write_prediction(pred: CasePrediction, output: Path) -> list[Path]:
-    """Write labels (and probabilities when present) atomically; returns the paths written."""
-    from medseg.io import write_volume
-
-    if not output.parent.is_dir():
-        raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
-    written = []
-    if pred.probabilities is not None:
-        pp = probabilities_path(output)
-        write_volume(pred.probabilities, pp)
-        written.append(pp)
-    write_volume(pred.labels, output)
-    written.append(output)
-    return written
-
-
 # -- the model in a worker process -----------------------------------------------------------------
 #: Files of a model folder whose change makes earlier outputs stale (see :func:`is_finished`).
 MODEL_FILES = ("plan.json", "model.pt", "postprocessing.json")
@@ -181,7 +162,9 @@ class InferSettings:
 
     ``tile_size`` in voxels, ``max_memory`` in bytes (None: half the available memory),
     ``tta`` ``"flip"`` or None; ``suffix`` of the output files (None: from the input);
-    ``allow_nonuniform`` and ``correct_tilt`` go to the DICOM reader."""
+    ``allow_nonuniform`` and ``correct_tilt`` go to the DICOM reader; ``outputs`` says what
+    each case is written as (:mod:`medseg.inference.outputs`); ``engine`` runs the network
+    (``onnx``: the graph for ``onnxruntime``, :mod:`medseg.inference.engine`)."""
 
     model: Path
     device: str = "auto"
@@ -194,6 +177,9 @@ class InferSettings:
     suffix: str | None = None
     allow_nonuniform: bool = False
     correct_tilt: bool = False
+    outputs: OutputSpec = field(default_factory=OutputSpec)
+    engine: str = "torch"
+    onnx: Path | None = None
 
     def dicom_options(self) -> dict[str, bool]:
         """The DICOM reader's options that are set (:func:`read_case`)."""
@@ -206,13 +192,15 @@ class InferSettings:
             "tile_size": self.tile_size,
             "max_memory": self.max_memory,
             "tta": self.tta,
-            "save_probabilities": self.save_probabilities,
+            "save_probabilities": self.save_probabilities or self.outputs.needs_probabilities,
             "precision": self.precision,
         }
 
     def output(self, output_dir: Path, case: CaseInput) -> Path:
-        """The label file of ``case`` in ``output_dir``."""
-        return output_dir / f"{case.case_id}{output_suffix(case.images[0], self.suffix)}"
+        """The label file of ``case`` in ``output_dir`` (see
+        :func:`medseg.inference.outputs.case_output`)."""
+        default = output_suffix(case.images[0], self.suffix)
+        return case_output(output_dir, case.case_id, self.outputs.format, default)
 
 
 def worker_model(settings: InferSettings) -> tuple[LoadedModel, dict[str, Any], bool]:
@@ -223,12 +211,16 @@ def worker_model(settings: InferSettings) -> tuple[LoadedModel, dict[str, Any], 
     folder = Path(settings.model).resolve()
     # the files' times and sizes too: a model retrained into the same folder is loaded anew
     stamp = tuple((s.st_mtime_ns, s.st_size) for s in _stats(folder / n for n in MODEL_FILES))
-    key = ("infer", str(folder), stamp, settings.device, settings.precision)
+    engine = (settings.engine, str(settings.onnx))
+    key = ("infer", str(folder), stamp, settings.device, settings.precision, engine)
     loads: list[bool] = []
 
     def load() -> tuple[LoadedModel, dict[str, Any]]:
+        from medseg.inference.engine import with_engine
+
         loads.append(True)
-        return load_for_infer(settings.model, settings.device, settings.precision)
+        loaded, heap_kw = load_for_infer(settings.model, settings.device, settings.precision)
+        return with_engine(loaded, settings.engine, onnx_path=settings.onnx), heap_kw
 
     loaded, heap_kw = cached(key, load)
     return loaded, heap_kw, bool(loads)
@@ -252,10 +244,14 @@ class CaseDone:
 def segment_case(settings: InferSettings, output_dir: Path, case: CaseInput) -> CaseDone:
     """Read, segment and write one case (a task: runs in whichever process takes it)."""
     t0 = time.perf_counter()
+    check_case_input(case.images, settings.outputs.format, settings.series)
     loaded, heap_kw, first = worker_model(settings)
     images = read_case(case.images, settings.series, **settings.dicom_options())
     pred = predict_case(images, loaded, **settings.predict_kw(), **heap_kw)
-    written = write_prediction(pred, settings.output(output_dir, case))
+    out = settings.output(output_dir, case)
+    written = write_outputs(
+        pred, images, case.images, out, loaded.plan, settings.outputs, series=settings.series
+    )
     seconds = time.perf_counter() - t0
     return CaseDone(tuple(str(p) for p in written), os.getpid(), seconds, first)
 
