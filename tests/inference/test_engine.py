@@ -74,6 +74,8 @@ def test_cli_export_then_infer_with_onnxruntime_gives_the_torch_labels(
     assert out.startswith(f"wrote {folder / 'model.onnx'}: onnxruntime logits within")
     assert float(out.split("within ")[1].split()[0]) <= 1e-4
     assert run_cli(["export", "--model", str(folder)], capsys)[0] == 2  # exists: refused
+    other = tmp_path / "other.onnx"
+    assert run_cli(["export", "--model", str(folder), "--onnx", str(other)], capsys)[0] == 0
     rng = np.random.default_rng(1)
     scan = tmp_path / "scan.nii.gz"
     write_volume(Volume(rng.normal(size=(1, 30, 26, 22)).astype(np.float32), Grid.from_spacing(
@@ -84,6 +86,9 @@ def test_cli_export_then_infer_with_onnxruntime_gives_the_torch_labels(
         [*base, "--output", str(tmp_path / "o.nii.gz"), "--engine", "onnxruntime"], capsys
     )
     assert code == 0, err
+    extra = ["--engine", "onnxruntime", "--onnx", str(other)]
+    assert run_cli([*base, "--output", str(tmp_path / "p.nii.gz"), *extra], capsys)[0] == 0
     torch_labels = read_volume(tmp_path / "t.nii.gz").array
-    ort_labels = read_volume(tmp_path / "o.nii.gz").array
-    assert np.mean(torch_labels == ort_labels) >= 0.999  # only near-ties may differ
+    for name in ("o.nii.gz", "p.nii.gz"):
+        ort_labels = read_volume(tmp_path / name).array
+        assert np.mean(torch_labels == ort_labels) >= 0.999  # only near-ties may differ
