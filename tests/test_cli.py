@@ -264,3 +264,13 @@ def test_infer_help_describes_how_labels_return_to_the_scan_grid(
     text = " ".join(out.split())
     assert "one nearest-neighbour resample" not in text
     assert "copied back exactly" in text and "highest probability after linear resampling" in text
+
+
+def test_inspect_prints_bracketed_names_as_they_are(
+    tmp_path: Path, image_volume: Volume, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "scan [plan] [T1].nii.gz"
+    write_volume(image_volume, path)
+    code, out, err = run(["inspect", str(path)], capsys)
+    assert code == 0, err
+    assert "scan [plan] [T1].nii.gz" in " ".join(out.split())

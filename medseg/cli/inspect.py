@@ -60,7 +60,7 @@ def inspect(
     from medseg.errors import ReadError
     from medseg.io import read_volume, volume_format
 
-    out = _Console()
+    out = _Console(markup=False)  # a series description "[T1]" stays as it is
     options: dict[str, Any] = {k: True for k, v in (("allow_nonuniform", allow_nonuniform),
                                     ("correct_tilt", correct_tilt)) if v}  # fmt: skip
     if not path.exists():
@@ -83,7 +83,7 @@ def inspect(
             try:
                 vol = read_volume(path, **options)
             except MedsegError as exc:
-                out.print(f"[yellow]not read as a volume:[/yellow] {exc}", highlight=False)
+                out.print(f"not read as a volume: {exc}", highlight=False)
                 return
             _describe(out, vol, path)
             return
