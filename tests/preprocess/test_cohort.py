@@ -317,3 +317,51 @@ def test_preprocess_killed_before_any_rename_then_rerun_gives_the_same_bytes(
     tmp_path: Path,
 ) -> None:
     assert _kill_sweep(tmp_path, None) >= 10  # every rename of a two-case run
+
+
+SLOW_CASES = """
+import time
+import medseg.preprocess.cohort as cohort
+
+_real = cohort._preprocess_job
+
+
+def _slow(case, **kw):
+    time.sleep(2.0)  # long enough for a second command to meet the first at work
+    return _real(case, **kw)
+
+
+cohort._preprocess_job = _slow
+"""
+
+
+def test_two_preprocess_commands_on_one_cache_one_refused_the_cache_whole(
+    tmp_path: Path,
+) -> None:
+    """Two processes: the second is refused in one line naming the first (its pid), writes
+    nothing, and the first's cache is the one a lone run writes."""
+    args = _synthetic(tmp_path, 2)
+    _succeeds([*args, "--out", str(tmp_path / "alone")])
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_CASES)
+    out = tmp_path / "prep"
+    base = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    cli = [sys.executable, "-m", "medseg.cli", *args, "--out", str(out)]
+    first = subprocess.Popen(cli, env={**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{base}"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        while not (out / ".medseg.lock").exists():
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = subprocess.run(cli, env={**os.environ, "PYTHONPATH": base},
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        assert first.poll() is None  # the first was still at work
+    finally:
+        first.wait()
+    assert first.returncode == 0, first.communicate()
+    assert second.returncode == 2
+    err = second.stderr.strip().splitlines()
+    assert len(err) == 1 and f"in use by pid {first.pid} " in err[0] and "preprocess" in err[0]
+    assert tree_digest(out) == tree_digest(tmp_path / "alone")
+    assert "c0" not in second.stdout and not (out / ".medseg.lock").exists()
