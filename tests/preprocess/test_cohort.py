@@ -218,27 +218,34 @@ SITECUSTOMIZE = """
 import os, signal
 import medseg.preprocess.cohort as cohort
 
-_real = cohort._preprocess_job
+_name = os.environ["MEDSEG_TEST_DIE_IN"]
+_real = getattr(cohort, _name)
 
 def _die_on_c1(case, **kw):
     if case.case_id == "c1":  # this worker process dies, every time it takes c1
         os.kill(os.getpid(), signal.SIGKILL)
     return _real(case, **kw)
 
-cohort._preprocess_job = _die_on_c1
+setattr(cohort, _name, _die_on_c1)
 """
 
 
+@pytest.mark.parametrize("stage", ["_fingerprint_job", "_preprocess_job"])
 def test_a_worker_killed_on_one_case_loses_only_that_case_named_with_its_cause(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stage: str,
 ) -> None:
     """Worker processes are spawned: a ``sitecustomize`` on their PYTHONPATH makes the worker
-    that takes case c1 die by SIGKILL (twice: the case is retried once)."""
+    that takes case c1 die by SIGKILL (twice: the case is retried once), while the data set
+    is fingerprinted or while its cases are written."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     path = os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])
     monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("MEDSEG_TEST_DIE_IN", stage)
     args = _synthetic(tmp_path, 3)
     out = tmp_path / "prep"
     with pytest.raises(SystemExit) as exc:
