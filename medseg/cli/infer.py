@@ -11,6 +11,7 @@ import typer
 
 from medseg.cli.app import app, check_output_file, console, help_text
 from medseg.cli.cohort import log_option, scheduler_option, threads_option, workers_option
+from medseg.cli.dicom import allow_nonuniform_option, correct_tilt_option
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -164,16 +165,8 @@ def infer(
     scheduler: str | None = scheduler_option(),
     threads: int | None = threads_option(),
     log: Path | None = log_option("OUTPUT/infer.log"),
-    allow_nonuniform: bool = typer.Option(
-        False,
-        "--allow-nonuniform",
-        help="DICOM: accept slices with uneven spacing (resampled to the median; else refused).",
-    ),
-    correct_tilt: bool = typer.Option(
-        False,
-        "--correct-tilt",
-        help="DICOM: accept a CT series acquired with gantry tilt (sheared affine).",
-    ),
+    allow_nonuniform: bool = allow_nonuniform_option(),
+    correct_tilt: bool = correct_tilt_option(),
     fmt: str | None = _FORMAT,
     fractional: bool = _FRACTIONAL,
     stats: bool = _STATS,
