@@ -329,6 +329,8 @@ def _check_infer_paths(volume: list[Path] | None, output: Path, overwrite: bool)
         for v in volume:
             if not v.exists():
                 raise ReadError(f"{v}: no such file or folder")
+    elif output.exists() and not output.is_dir():
+        raise WriteError(f"{output}: is a file; cohorts write into a folder, give one")
     elif not output.is_dir():
         raise WriteError(f"{output}: output folder does not exist; create it first")
     else:
