@@ -108,7 +108,11 @@ _ONNX = typer.Option(
 )
 def infer(
     volume: list[Path] | None = typer.Option(
-        None, "--volume", "-v", help="Scan of one channel (repeat per channel, plan order)."
+        None,
+        "--volume",
+        "-v",
+        metavar="<path>",
+        help="Scan of one channel (repeat per channel, plan order).",
     ),
     model: Path = typer.Option(..., "--model", "-m", help="Model folder (training run)."),
     output: Path = typer.Option(
