@@ -9,7 +9,8 @@ into a fresh folder, with
 - ``--workers 1`` and ``--workers 2`` (local worker processes, one thread each),
 - one and two Dask workers (``distributed.LocalCluster``, one thread and one process each),
 
-and prints cases/minute with the ratio against the sequential path and the Dask rows against
+and prints cases/minute (the best of ``--repeats`` rounds, each in another order) with the
+ratio against the sequential path and the Dask rows against
 the ``--workers`` row with as many workers. Preprocessing counts both stages (fingerprint and
 cases), as ``medseg preprocess`` runs them. Inference uses the network the pipeline's plan
 gives (default ``pipelines/brats2013.toml``: 2 mm, depth 2, base 16) with seeded random
@@ -26,7 +27,7 @@ measured per-case time t (one Dask worker: its seconds per case) and overhead o:
 the second term being the scheduler's own limit (it handles one task at a time); a shared
 file system's bandwidth is not modelled.
 
-Run: ``.venv/bin/python benchmarks/bench_cohort.py [--manifest M] [--pipeline P] [--empty 200]``
+Run: ``.venv/bin/python benchmarks/bench_cohort.py [--manifest M] [--pipeline P] [--repeats 2]``
 """
 
 from __future__ import annotations
@@ -120,7 +121,11 @@ def _overhead(where: Any, count: int, run_tasks: Callable[..., Any]) -> float:
 
 
 def measure(args: argparse.Namespace, root: Path) -> tuple[dict[str, dict[str, float]], dict]:
-    """Seconds per stage (preprocess, infer) and place; scheduler overhead per task."""
+    """Seconds per stage (preprocess, infer) and place, the best of ``args.repeats`` rounds
+    (each round in another order, as the load of a shared machine drifts); scheduler
+    overhead per task."""
+    from contextlib import ExitStack
+
     from distributed import LocalCluster
 
     from medseg.cohort import Where, run_tasks
@@ -131,23 +136,24 @@ def measure(args: argparse.Namespace, root: Path) -> tuple[dict[str, dict[str, f
         timers["infer"] = lambda w: time_infer(args.manifest, model, w, root)
     rows: dict[str, dict[str, float]] = {s: {} for s in args.stages}
     overhead: dict[str, float] = {}
-    for name, where in (
-        ("sequential", Where()),
-        ("--workers 1", Where(workers=1)),
-        ("--workers 2", Where(workers=2)),
-    ):
-        for stage in args.stages:
-            rows[stage][name] = timers[stage](where)
-    overhead["--workers 2"] = _overhead(Where(workers=2), args.empty, run_tasks)
-    for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as cluster:  # fmt: skip
+    with ExitStack() as stack:
+        places = {"sequential": Where(), "--workers 1": Where(workers=1),
+                  "--workers 2": Where(workers=2)}  # fmt: skip
+        for workers in (1, 2):
+            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1,
+                                          processes=True, dashboard_address=":0"))  # fmt: skip
             where = Where(scheduler=cluster.scheduler_address)
             run_tasks(_nothing, range(workers * 4), key=str, where=where)  # warm workers
-            for stage in args.stages:
-                rows[stage][f"Dask {workers} worker(s)"] = timers[stage](where)
-            overhead[f"Dask {workers} worker(s)"] = _overhead(where, args.empty, run_tasks)
-    return rows, overhead
+            places[f"Dask {workers} worker(s)"] = where
+        names = list(places)
+        for r in range(args.repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                for stage in args.stages:
+                    seconds = timers[stage](places[name])
+                    rows[stage][name] = min(seconds, rows[stage].get(name, seconds))
+        for name in ("--workers 2", "Dask 1 worker(s)", "Dask 2 worker(s)"):
+            overhead[name] = _overhead(places[name], args.empty, run_tasks)
+    return {s: {n: rows[s][n] for n in names} for s in rows}, overhead
 
 
 def report(rows: dict[str, dict[str, float]], overhead: dict[str, float], n: int) -> None:
@@ -182,6 +188,7 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["preprocess", "infer"],
                     choices=["preprocess", "infer"])  # fmt: skip
     ap.add_argument("--empty", type=int, default=200, help="empty tasks for the overhead")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds; the best time is kept")
     args = ap.parse_args()
     n = len(load_manifest(args.manifest).cases)
     print(f"machine: {cpu_name()}; load average {os.getloadavg()[0]:.1f} at the start")

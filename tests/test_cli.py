@@ -248,6 +248,7 @@ def test_help_of_every_command_keeps_brackets_and_shows_no_bool_metavar(
         code, out, _ = run([*argv, "--help"], capsys)
         assert code == 0, argv
         assert "<bool>" not in out and "\\[" not in out and "[/" not in out, argv
+        assert "<list[" not in out, argv  # a repeatable option shows what one value is
         texts[" ".join(argv)] = " ".join(out.split())
     assert "pipeline's [plan] table" in texts["preprocess"]
     assert "TOML with [plan] overrides and [preprocess] options" in texts["preprocess"]
@@ -264,3 +265,13 @@ def test_infer_help_describes_how_labels_return_to_the_scan_grid(
     text = " ".join(out.split())
     assert "one nearest-neighbour resample" not in text
     assert "copied back exactly" in text and "highest probability after linear resampling" in text
+
+
+def test_inspect_prints_bracketed_names_as_they_are(
+    tmp_path: Path, image_volume: Volume, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "scan [plan] [T1].nii.gz"
+    write_volume(image_volume, path)
+    code, out, err = run(["inspect", str(path)], capsys)
+    assert code == 0, err
+    assert "scan [plan] [T1].nii.gz" in " ".join(out.split())

@@ -23,7 +23,8 @@ app = typer.Typer(
     # with a metavar such as <bool>
     rich_markup_mode=None,
 )
-console = Console(stderr=True)
+# messages, paths and case ids are printed as they are: "[plan]" or "[T1]" is not markup
+console = Console(stderr=True, markup=False)
 
 
 def _version(value: bool) -> None:

@@ -11,6 +11,7 @@ import typer
 
 from medseg.cli.app import app, check_output_file, console, help_text
 from medseg.cli.cohort import log_option, scheduler_option, threads_option, workers_option
+from medseg.cli.dicom import allow_nonuniform_option, correct_tilt_option
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -107,7 +108,11 @@ _ONNX = typer.Option(
 )
 def infer(
     volume: list[Path] | None = typer.Option(
-        None, "--volume", "-v", help="Scan of one channel (repeat per channel, plan order)."
+        None,
+        "--volume",
+        "-v",
+        metavar="<path>",
+        help="Scan of one channel (repeat per channel, plan order).",
     ),
     model: Path = typer.Option(..., "--model", "-m", help="Model folder (training run)."),
     output: Path = typer.Option(
@@ -164,16 +169,8 @@ def infer(
     scheduler: str | None = scheduler_option(),
     threads: int | None = threads_option(),
     log: Path | None = log_option("OUTPUT/infer.log"),
-    allow_nonuniform: bool = typer.Option(
-        False,
-        "--allow-nonuniform",
-        help="DICOM: accept slices with uneven spacing (resampled to the median; else refused).",
-    ),
-    correct_tilt: bool = typer.Option(
-        False,
-        "--correct-tilt",
-        help="DICOM: accept a CT series acquired with gantry tilt (sheared affine).",
-    ),
+    allow_nonuniform: bool = allow_nonuniform_option(),
+    correct_tilt: bool = correct_tilt_option(),
     fmt: str | None = _FORMAT,
     fractional: bool = _FRACTIONAL,
     stats: bool = _STATS,
@@ -336,6 +333,8 @@ def _check_infer_paths(volume: list[Path] | None, output: Path, overwrite: bool)
         for v in volume:
             if not v.exists():
                 raise ReadError(f"{v}: no such file or folder")
+    elif output.exists() and not output.is_dir():
+        raise WriteError(f"{output}: is a file; cohorts write into a folder, give one")
     elif not output.is_dir():
         raise WriteError(f"{output}: output folder does not exist; create it first")
     else:

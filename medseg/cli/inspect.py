@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from medseg.cli.app import app, console, help_text
+from medseg.cli.dicom import allow_nonuniform_option, correct_tilt_option, reader_options
 from medseg.cli.tables import series_table, volume_table
 from medseg.errors import MedsegError
 
@@ -43,16 +44,8 @@ def inspect(
         "-s",
         help="DICOM folders: the series to describe, by index or SeriesInstanceUID as listed.",
     ),
-    allow_nonuniform: bool = typer.Option(
-        False,
-        "--allow-nonuniform",
-        help="DICOM: read slices with uneven spacing (resampled to the median; else refused).",
-    ),
-    correct_tilt: bool = typer.Option(
-        False,
-        "--correct-tilt",
-        help="DICOM: read a CT series acquired with gantry tilt (sheared affine).",
-    ),
+    allow_nonuniform: bool = allow_nonuniform_option(),
+    correct_tilt: bool = correct_tilt_option(),
 ) -> None:
     """Describe a scan: shape, spacing (mm), orientation, origin, dtype and value range."""
     from rich.console import Console as _Console
@@ -60,9 +53,8 @@ def inspect(
     from medseg.errors import ReadError
     from medseg.io import read_volume, volume_format
 
-    out = _Console()
-    options: dict[str, Any] = {k: True for k, v in (("allow_nonuniform", allow_nonuniform),
-                                    ("correct_tilt", correct_tilt)) if v}  # fmt: skip
+    out = _Console(markup=False)  # a series description "[T1]" stays as it is
+    options = reader_options(allow_nonuniform, correct_tilt)
     if not path.exists():
         raise ReadError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -83,7 +75,7 @@ def inspect(
             try:
                 vol = read_volume(path, **options)
             except MedsegError as exc:
-                out.print(f"[yellow]not read as a volume:[/yellow] {exc}", highlight=False)
+                out.print(f"not read as a volume: {exc}", highlight=False)
                 return
             _describe(out, vol, path)
             return

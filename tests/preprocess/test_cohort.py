@@ -218,27 +218,34 @@ SITECUSTOMIZE = """
 import os, signal
 import medseg.preprocess.cohort as cohort
 
-_real = cohort._preprocess_job
+_name = os.environ["MEDSEG_TEST_DIE_IN"]
+_real = getattr(cohort, _name)
 
 def _die_on_c1(case, **kw):
     if case.case_id == "c1":  # this worker process dies, every time it takes c1
         os.kill(os.getpid(), signal.SIGKILL)
     return _real(case, **kw)
 
-cohort._preprocess_job = _die_on_c1
+setattr(cohort, _name, _die_on_c1)
 """
 
 
+@pytest.mark.parametrize("stage", ["_fingerprint_job", "_preprocess_job"])
 def test_a_worker_killed_on_one_case_loses_only_that_case_named_with_its_cause(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stage: str,
 ) -> None:
     """Worker processes are spawned: a ``sitecustomize`` on their PYTHONPATH makes the worker
-    that takes case c1 die by SIGKILL (twice: the case is retried once)."""
+    that takes case c1 die by SIGKILL (twice: the case is retried once), while the data set
+    is fingerprinted or while its cases are written."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     path = os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")])
     monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("MEDSEG_TEST_DIE_IN", stage)
     args = _synthetic(tmp_path, 3)
     out = tmp_path / "prep"
     with pytest.raises(SystemExit) as exc:
@@ -317,3 +324,51 @@ def test_preprocess_killed_before_any_rename_then_rerun_gives_the_same_bytes(
     tmp_path: Path,
 ) -> None:
     assert _kill_sweep(tmp_path, None) >= 10  # every rename of a two-case run
+
+
+SLOW_CASES = """
+import time
+import medseg.preprocess.cohort as cohort
+
+_real = cohort._preprocess_job
+
+
+def _slow(case, **kw):
+    time.sleep(2.0)  # long enough for a second command to meet the first at work
+    return _real(case, **kw)
+
+
+cohort._preprocess_job = _slow
+"""
+
+
+def test_two_preprocess_commands_on_one_cache_one_refused_the_cache_whole(
+    tmp_path: Path,
+) -> None:
+    """Two processes: the second is refused in one line naming the first (its pid), writes
+    nothing, and the first's cache is the one a lone run writes."""
+    args = _synthetic(tmp_path, 2)
+    _succeeds([*args, "--out", str(tmp_path / "alone")])
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_CASES)
+    out = tmp_path / "prep"
+    base = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    cli = [sys.executable, "-m", "medseg.cli", *args, "--out", str(out)]
+    first = subprocess.Popen(cli, env={**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{base}"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        while not (out / ".medseg.lock").exists():
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = subprocess.run(cli, env={**os.environ, "PYTHONPATH": base},
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        assert first.poll() is None  # the first was still at work
+    finally:
+        first.wait()
+    assert first.returncode == 0, first.communicate()
+    assert second.returncode == 2
+    err = second.stderr.strip().splitlines()
+    assert len(err) == 1 and f"in use by pid {first.pid} " in err[0] and "preprocess" in err[0]
+    assert tree_digest(out) == tree_digest(tmp_path / "alone")
+    assert "c0" not in second.stdout and not (out / ".medseg.lock").exists()
