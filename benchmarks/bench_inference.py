@@ -23,7 +23,9 @@ has 4 poolings, has the same depth and widths), at the sizes issue 3 names:
 
 Run: ``python benchmarks/bench_inference.py`` (speed, ~3 min on 2 cores) and
 ``python benchmarks/bench_inference.py --rss-only`` (memory, full size);
-``--cli-only``: the ``medseg infer`` command against the library path it wraps.
+``--cli-only``: the ``medseg infer`` command against the library path it wraps;
+``--onnx-only``: 6. the same ``predict_logits`` (same tiles) with the network run by
+onnxruntime (``medseg export`` graph, ``--engine onnxruntime``) against torch, on the CPU.
 """
 
 from __future__ import annotations
@@ -335,7 +337,7 @@ def rss_child(tool: str, work: str, classes: int, base: int, budget: str) -> Non
         loaded = model_folder.load_model(root / "model")
         vol = read_volume(root / "ct.nii.gz")
         stages["read"] = _peak_mib()
-        # the allocator as the command sets it (medseg.cli.infer._load_for_infer)
+        # the allocator as the command sets it (medseg.inference.cohort.load_for_infer)
         heap.return_freed_memory()
         pred = case.predict_case(
             [vol],
@@ -463,6 +465,44 @@ def cli_vs_library(a: argparse.Namespace) -> None:
     )
 
 
+def onnx_vs_torch(a: argparse.Namespace) -> None:
+    """Seconds of ``predict_logits`` over the benchmark volume with the torch network
+    (prepared: batch norm folded, channels-last) and with its ONNX export run by onnxruntime
+    (same threads), at the same tiles (torch's automatic layout); alternating, best of
+    ``a.onnx_repeats``; and the largest logit difference as a fraction of the logits' range."""
+    import tempfile
+
+    from medseg.inference.engine import OnnxRuntimeNetwork
+    from medseg.model.export import export_onnx
+
+    size = tuple(a.size)
+    image = np.random.default_rng(0).normal(size=(1, *size)).astype(np.float32)
+    net = _net(a.base, 4, 2)
+    tile = tiled.tile_layout(tiled.inference_model(net), size).size
+    with tempfile.TemporaryDirectory(prefix="medseg-bench-") as work:
+        export_onnx(net, f"{work}/m.onnx")
+        ort_net = OnnxRuntimeNetwork(f"{work}/m.onnx", net.network, threads=a.threads)
+        runs = {
+            "torch": lambda: tiled.predict_logits(net, image, tile_size=tile, prepare=True),
+            "onnxruntime": lambda: tiled.predict_logits(ort_net, image, tile_size=tile),
+        }
+        best = {k: float("inf") for k in runs}
+        out: dict[str, np.ndarray] = {}
+        for _ in range(a.onnx_repeats):
+            for name, run in runs.items():
+                t = time.perf_counter()
+                out[name] = run()
+                best[name] = min(best[name], time.perf_counter() - t)
+    ref = out["torch"]
+    diff = float(np.max(np.abs(out["onnxruntime"] - ref)) / (ref.max() - ref.min()))
+    print(
+        f"onnxruntime vs torch, predict_logits {list(size)}, UNet depth 4 base {a.base}, tile "
+        f"{tile}, {a.threads} threads: torch {best['torch']:.2f} s, onnxruntime "
+        f"{best['onnxruntime']:.2f} s; ratio onnxruntime/torch time "
+        f"{best['onnxruntime'] / best['torch']:.3f}; max logit difference {diff:.1e} of the range"
+    )
+
+
 def monai_speed(a: argparse.Namespace) -> float:
     """Seconds of one MONAI ``sliding_window_inference`` (roi 96^3, overlap 0.5, gaussian)
     over the benchmark volume with ``BasicUNet`` of base ``a.base``."""
@@ -521,6 +561,8 @@ def main() -> None:
     ap.add_argument("--flops-only", action="store_true", help="only the GFLOP/s comparison")
     ap.add_argument("--cli-only", action="store_true", help="only medseg infer vs the library")
     ap.add_argument("--cli-repeats", type=int, default=2)
+    ap.add_argument("--onnx-only", action="store_true", help="only onnxruntime vs torch")
+    ap.add_argument("--onnx-repeats", type=int, default=2)
     ap.add_argument("--flops-tiles", type=int, nargs="*", default=[92])
     ap.add_argument("--rss-tools", nargs="*", help="only these tools (medseg, monai, nnunet)")
     ap.add_argument(
@@ -544,6 +586,9 @@ def main() -> None:
         return
     if a.cli_only:
         cli_vs_library(a)
+        return
+    if a.onnx_only:
+        onnx_vs_torch(a)
         return
     if a.monai_speed_child:
         print(json.dumps({"seconds": monai_speed(a)}))

@@ -48,16 +48,32 @@ def _check_parent(path: Path) -> None:
         )
 
 
-def _write_error(target: Path, exc: OSError) -> WriteError:
-    """One line for the OS errors a user can fix: disk full, read-only, no permission."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return WriteError(f"{target}: disk full while writing; free space and rerun")
+def _write_error(target: Path, exc: OSError, folder: Path | None = None) -> WriteError:
+    """One line for the OS errors a user can fix: disk full, read-only, no permission.
+
+    ``folder`` is where the write was refused (default: ``target``'s own folder). A short
+    write without an errno (numpy's ``tofile``: "N requested and M written") on a file system
+    with no space left is a full disk too."""
+    if exc.errno is None and _no_space_left(folder or target.parent):
+        exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        why = "file too large for" if exc.errno == errno.EFBIG else "disk full while writing to"
+        return WriteError(f"{target}: {why} {folder or target.parent}; free space and rerun")
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return WriteError(
-            f"{target}: cannot write to {target.parent} ({os.strerror(exc.errno).lower()}); "
-            "choose a writable output folder"
+            f"{target}: cannot write to {folder or target.parent} "
+            f"({os.strerror(exc.errno).lower()}); choose a writable output folder"
         )
-    return WriteError(f"{target}: cannot write ({exc.strerror}); check the output folder")
+    return WriteError(f"{target}: cannot write ({exc.strerror or exc}); check the output folder")
+
+
+def _no_space_left(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has less than one block free for this user."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < max(st.f_frsize, 4096)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -137,8 +153,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
         _fsync_folder(target.parent)
     except OSError as exc:
+        error = _write_error(target, exc)  # before the unlink frees the space it ran out of
         tmp.unlink(missing_ok=True)
-        raise _write_error(target, exc) from exc
+        raise error from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -149,25 +166,30 @@ def check_writable(path: str | os.PathLike[str], *, overwrite: bool = True) -> N
 
     ``path`` is a file to be written: its folder must exist (or be creatable) and accept a
     new file; an existing ``path`` is refused unless ``overwrite``."""
-    target = Path(path)
+    _check_writable(Path(path), Path(path), overwrite)
+
+
+def _check_writable(target: Path, named: Path, overwrite: bool) -> None:
+    """:func:`check_writable` of ``target``, naming ``named`` in the message."""
     if target.exists() and not overwrite:
-        raise WriteError(f"{target}: exists; pass --overwrite to replace it")
+        raise WriteError(f"{target}: already exists; pass --overwrite to replace it")
     folder = target.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise WriteError(f"{target}: {folder} is not a folder; choose another output path")
+        where = "is a file" if folder == named else f"{folder} is a file"
+        raise WriteError(f"{named}: {where}, not a folder; choose another output path")
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", dir=folder)
     except OSError as exc:
-        raise _write_error(target, exc) from exc
+        raise _write_error(named, exc, folder) from exc
     os.close(fd)
     os.unlink(probe)
 
 
 def check_writable_folder(folder: str | os.PathLike[str]) -> None:
     """Refuse, before any computation, an output folder that cannot be created or written."""
-    check_writable(Path(folder) / LOCK_NAME)
+    _check_writable(Path(folder) / LOCK_NAME, Path(folder), True)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -411,7 +411,7 @@ def _drive(
 # -- progress --------------------------------------------------------------------------------------
 class CaseLog:
     """A rich bar per stage over cases, with the workers' count, and a line per case event in
-    the terminal and in ``log_path``.
+    ``log_path`` and in the terminal (finished cases on a terminal only).
 
     The log is rewritten atomically (through :mod:`medseg.atomic`) at most once a second and
     on exit, so a reader always finds whole lines and a long cohort costs few rewrites.
@@ -442,11 +442,15 @@ class CaseLog:
         self._bar.__exit__(None, None, None)
         self._flush(force=True)
 
-    def line(self, text: str) -> None:
-        """Print ``text`` above the bar and keep it in the log."""
-        self._bar.console.print(text, highlight=False, markup=False)
+    def line(self, text: str, show: bool | None = True) -> None:
+        """Keep ``text`` in the log and print it above the bar (``show`` None: only on a
+        terminal, so that pipes and captured output get the command's result lines alone).
+        The log is written first: when it cannot be (disk full), the error is the one line
+        the user sees."""
         self._lines.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}")
         self._flush()
+        if show or (show is None and self._bar.console.is_terminal):
+            self._bar.console.print(text, highlight=False, markup=False)
 
     def __call__(self, event: CaseEvent) -> None:
         if event.stage not in self._tasks:
@@ -457,10 +461,14 @@ class CaseLog:
         what = {"done": "done", "failed": "FAILED", "retry": "worker died, retrying"}
         text = f"{event.stage} {event.done}/{event.total} {event.key}: {what.get(event.status)}"
         text += f" ({event.seconds:.1f} s, {event.workers} workers)"
-        self.line(text + (f": {event.detail}" if event.detail else ""))
+        # finished cases scroll by on a terminal; failures and retries are printed everywhere
+        self.line(text + (f": {event.detail}" if event.detail else ""),
+                  show=None if event.status == "done" else True)  # fmt: skip
 
     def _flush(self, force: bool = False) -> None:
-        if self._path is None or not (force or time.monotonic() - self._written > 1.0):
+        if self._path is None or not self._lines:
+            return  # nothing happened (e.g. refused before the first case): no file
+        if not (force or time.monotonic() - self._written > 1.0):
             return
         from medseg import atomic
 

@@ -9,6 +9,10 @@ prep_dir = "prep/brats2013"                  # preprocess writes here, train rea
 [preprocess]  # preprocessing options (workers, border weight maps, memory budget, ...)
 [train]       # training options (epochs, optimiser, loss, augmentation, time budget, ...)
 [infer]       # inference defaults (tta, tile size, ...)
+
+[infer.dicom_codes.1]   # coded concepts of label value 1 in DICOM-SEG / RTSTRUCT outputs
+category = ["SCT", "123037004", "Anatomical Structure"]
+type = ["SCT", "10200004", "Liver"]
 ```
 Each section is interpreted by the module that owns it; this module parses and checks the
 top level, and checks that a preprocessed folder was planned with the pipeline's ``[plan]``.
@@ -53,6 +57,8 @@ class Pipeline:
 def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     """Read and check a pipeline TOML; raise ``PlanError`` naming the file on any problem."""
     p = Path(path)
+    if p.is_dir():
+        raise PlanError(f"{p}: is a folder; give a pipeline TOML file (see pipelines/)")
     if not p.is_file():
         raise PlanError(f"{p}: pipeline file not found; see pipelines/ for examples")
     try:
@@ -66,6 +72,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     for s in SECTIONS:
         if not isinstance(data.get(s, {}), dict):
             raise PlanError(f"{p}: [{s}] must be a table")
+    dicom_codes(data.get("infer", {}), p)
     name = data.get("name", p.stem)
     if not isinstance(name, str) or not name:
         raise PlanError(f"{p}: name must be a non-empty string")
@@ -150,3 +157,39 @@ def check_plan_overrides(pipeline: Pipeline, prep_dir: str | os.PathLike[str] | 
             f"{source} [plan]: {', '.join(differ)} differ from {path} (preprocessed without "
             f"these overrides); rerun: medseg preprocess --pipeline {source}"
         )
+
+
+#: Keys of one ``[infer.dicom_codes.<value>]`` table.
+_CODE_KEYS = ("category", "type")
+
+
+def dicom_codes(infer: dict[str, Any], source: Path | str) -> dict[int, dict[str, list[str]]]:
+    """``[infer.dicom_codes]`` checked: label value (a TOML key such as ``"1"``) -> ``category``
+    and/or ``type``, each ``[coding scheme, code value, code meaning]`` of non-empty strings
+    (e.g. ``["SCT", "10200004", "Liver"]``). These name the label's DICOM-SEG segment and
+    RTSTRUCT ROI; a value left out gets the generic default (see
+    :mod:`medseg.io.dicom_seg`). Raises ``PlanError`` naming ``source`` and the entry."""
+    table = infer.get("dicom_codes", {})
+    where = f"{source} [infer.dicom_codes]"
+    if not isinstance(table, dict):
+        raise PlanError(f"{where}: must be a table of label values, e.g. [infer.dicom_codes.1]")
+    out: dict[int, dict[str, list[str]]] = {}
+    for key, entry in table.items():
+        if not str(key).isdigit() or int(key) < 1:
+            raise PlanError(f'{where}: key {key!r} is not a nonzero label value such as "1"')
+        if not isinstance(entry, dict) or not entry or set(entry) - set(_CODE_KEYS):
+            raise PlanError(
+                f"{where}.{key}: give category and/or type, each [scheme, code, meaning]"
+            )
+        for name, triple in entry.items():
+            if not (
+                isinstance(triple, list)
+                and len(triple) == 3
+                and all(isinstance(t, str) and t.strip() for t in triple)
+            ):
+                raise PlanError(
+                    f"{where}.{key}.{name} = {triple!r}: give [scheme, code, meaning], e.g. "
+                    '["SCT", "10200004", "Liver"]'
+                )
+        out[int(key)] = {name: list(triple) for name, triple in entry.items()}
+    return out

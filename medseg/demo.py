@@ -60,10 +60,9 @@ def _train_fn() -> Any:
 
 
 def _inference_fns() -> tuple[Any, Any, Any]:
-    from medseg.inference.cohort import CaseInput, run_cohort
-    from medseg.inference.model_folder import load_model
+    from medseg.inference.cohort import CaseInput, InferSettings, run_cohort
 
-    return CaseInput, load_model, run_cohort
+    return CaseInput, InferSettings, run_cohort
 
 
 # -- the steps, each what its command does ------------------------------------------------------
@@ -113,15 +112,12 @@ def _train(pipeline: Path, run: Path) -> None:
 
 def _infer(run: Path, cases: list[tuple[str, list[Path]]], output: Path, what: str) -> None:
     """Segment ``(case_id, channel files)`` cases into ``output/<case_id>.nii.gz`` (overwritten)."""
-    from medseg.runtime import resolve_device
-
-    case_input, load_model, run_cohort = _inference_fns()
+    case_input, settings, run_cohort = _inference_fns()
     _step(f"infer --model {run} {what} --output {output}")
-    loaded = load_model(run, resolve_device("auto"))
-    status = run_cohort(
-        [case_input(cid, scans) for cid, scans in cases], loaded, output, overwrite=True
+    outcome = run_cohort(
+        [case_input(cid, scans) for cid, scans in cases], settings(run), output, overwrite=True
     )
-    print(f"{output}: {len(status)} cases written")
+    print(f"{output}: {len(outcome.done)} cases written")
 
 
 def _evaluate(

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from medseg.errors import ManifestError, MedsegError
 from medseg.io import VOLUME_SUFFIXES, split_suffix
-from medseg.volume import GRID_ATOL_MM
+from medseg.volume import GRID_ATOL_MM, describe_nonfinite
 
 if TYPE_CHECKING:
     from medseg.volume import Volume
@@ -85,6 +85,21 @@ class Manifest:
     def split(self, name: str) -> list[Case]:
         """Cases whose split is ``name`` (e.g. ``"train"``, ``"val"``)."""
         return [c for c in self.cases if c.split == name]
+
+    def splits(self) -> list[str]:
+        """The split names the cases carry, sorted (cases without one are left out)."""
+        return sorted({c.split for c in self.cases if c.split is not None})
+
+    def cases_of_split(self, name: str | None) -> list[Case]:
+        """Every case (``name`` None) or those of split ``name``; ``ManifestError`` naming the
+        manifest's splits when no case carries ``name`` (a typo must not select nothing)."""
+        if name is None:
+            return list(self.cases)
+        found = self.split(name)
+        if not found:
+            known = ", ".join(self.splits()) or "none (no case has a split)"
+            raise ManifestError(f"{self.path}: no case has split {name!r}; its splits: {known}")
+        return found
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form, with paths relative to ``data_root``."""
@@ -185,6 +200,9 @@ def _check_case(m: Manifest, c: Case, check_grids: bool) -> list[str]:
             continue
         n_channels += v.channels
         grids.append((f, v.grid))
+        bad = describe_nonfinite(v.array)
+        if bad:
+            problems.append(f"{f}: {bad}; fix or mask the scan (preprocess refuses it)")
     if len(grids) == len(c.images) and n_channels != len(m.channels):
         problems.append(
             f"images hold {n_channels} channel(s), manifest names {len(m.channels)} "
@@ -327,6 +345,8 @@ def load_manifest(path: str | os.PathLike[str], data_root: Path | str | None = N
     Files are not touched here; :meth:`Manifest.validate` checks them.
     """
     p = Path(path)
+    if p.is_dir():
+        raise _err(p, "is a folder; give a manifest JSON file")
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -463,6 +483,8 @@ def modality_category(name: str) -> str:
 
 
 def _load_json(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder; give the JSON file")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

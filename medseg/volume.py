@@ -439,3 +439,22 @@ class Volume:
         grid, perm, flips = self.grid.reoriented(codes)
         arr = np.ascontiguousarray(reorient_array(self.array, perm, flips))
         return Volume(arr, grid, self.is_label, dict(self.meta))
+
+
+def nonfinite_voxels(array: np.ndarray) -> list[tuple[int, int]]:
+    """``(NaN count, infinite count)`` of each channel of a ``(C, I, J, K)`` array; zeros for
+    integer arrays, which cannot hold either."""
+    if not np.issubdtype(array.dtype, np.inexact):
+        return [(0, 0)] * array.shape[0]
+    return [(int(np.count_nonzero(np.isnan(a))), int(np.count_nonzero(np.isinf(a)))) for a in array]
+
+
+def describe_nonfinite(array: np.ndarray) -> str | None:
+    """One phrase naming the channels with NaN or infinite voxels (``"channel 0: 3 NaN, 1
+    infinite voxels"``), or None when every voxel is finite."""
+    parts = [
+        f"channel {c}: {nan} NaN, {inf} infinite voxels"
+        for c, (nan, inf) in enumerate(nonfinite_voxels(array))
+        if nan or inf
+    ]
+    return "; ".join(parts) if parts else None

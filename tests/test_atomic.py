@@ -105,6 +105,56 @@ def test_unwritable_folder_is_a_one_line_write_error(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (errno.ENOSPC, "disk full while writing to"),
+        (errno.EDQUOT, "disk full while writing to"),
+        (errno.EFBIG, "file too large for"),
+    ],
+)
+def test_full_disk_mid_write_is_one_line_and_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, words: str
+) -> None:
+    (tmp_path / "a.txt").write_text("old")
+
+    def half_then_full(self: Path, data: bytes) -> None:
+        with open(self, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    with pytest.raises(WriteError, match=words) as info:
+        atomic.write_text(tmp_path / "a.txt", "new content " * 100)
+    assert "\n" not in str(info.value) and "free space and rerun" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    assert (tmp_path / "a.txt").read_text() == "old"
+
+
+def test_short_write_without_errno_on_a_full_file_system_is_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """numpy's ``tofile`` reports a full disk as "N requested and M written", without an
+    errno; the free space of the file system tells what happened."""
+    import numpy as np
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda _path: Full())
+
+    def short(tmp: Path) -> None:
+        raise OSError("100000 requested and 8176 written")
+
+    with pytest.raises(WriteError, match="a.npy: disk full while writing to"):
+        atomic.write_with(tmp_path / "a.npy", short)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()  # space again: the same error is not called a full disk
+    with pytest.raises(WriteError, match=r"cannot write \(100000 requested and 8176 written\)"):
+        atomic.write_with(tmp_path / "a.npy", short)
+    atomic.write_with(tmp_path / "a.npy", lambda tmp: np.save(tmp, np.zeros(3)))
+
+
 def test_check_writable_refuses_an_existing_output_without_overwrite(tmp_path: Path) -> None:
     (tmp_path / "pred.png").write_bytes(b"old")
     with pytest.raises(WriteError, match="exists; pass --overwrite"):

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import typer
 
 from medseg.cli import main
 from medseg.io import write_volume
@@ -172,3 +173,105 @@ def test_help_reads_like_a_man_page(capsys: pytest.CaptureFixture[str]) -> None:
         assert "Example" in out, argv
         assert "mm" in out or "dataset.json" in out, argv
     assert env_cols == os.environ.get("COLUMNS")
+
+
+# -- the reader's DICOM options: every command a message sends the user to takes them ----------
+def test_every_command_a_dicom_message_names_takes_its_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    from tests.inference.helpers import make_plan, model_folder
+    from tests.io.test_dicom import write_series
+
+    positions = [0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # the slice at 3 is missing
+    data = np.arange(12 * 10 * 8, dtype=np.uint16).reshape(12, 10, 8)
+    series = tmp_path / "series"
+    write_series(series, data, step=2.0, positions=positions)
+    code, _, err = run(["convert", str(series), str(tmp_path / "x.nii.gz")], capsys)
+    assert code == 2
+    m = re.search(r"pass (--allow-nonuniform) to medseg ([a-z, ]+) \(", one_line := err.strip())
+    assert m is not None, one_line
+    option, commands = m.group(1), [c.strip() for c in m.group(2).split(",")]
+    assert set(commands) >= {"inspect", "convert", "infer"}
+    for command in commands:
+        code, out, _ = run([command, "--help"], capsys)
+        assert code == 0 and option in out and "--correct-tilt" in out, command
+    # and the option does what the message says, in each of them
+    code, out, err = run(["inspect", str(series), "--allow-nonuniform"], capsys)
+    assert code == 0 and "12 x 10 x 9 voxels" in out, err
+    model, _ = model_folder(tmp_path, make_plan(dims=3, depth=1, base=2))
+    infer = ["infer", "--volume", str(series), "--model", str(model), "--device", "cpu"]
+    code, _, err = run([*infer, "--output", str(tmp_path / "p.nii.gz")], capsys)
+    assert code == 2 and option in err
+    code, _, err = run([*infer, "--output", str(tmp_path / "p.nii.gz"), option], capsys)
+    assert code == 0, err
+    assert nib.load(tmp_path / "p.nii.gz").shape[:3] == (12, 10, 9)
+
+
+def test_inspect_reports_nan_and_infinite_voxels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    img = np.ones((5, 4, 3), np.float32)
+    img[0, 0, 0] = np.nan
+    img[1, 1, 1] = img[2, 2, 2] = np.inf
+    nib.save(nib.Nifti1Image(img, np.eye(4)), tmp_path / "nan.nii.gz")
+    code, out, err = run(["inspect", str(tmp_path / "nan.nii.gz")], capsys)
+    assert code == 0
+    assert "channel 0: 1 NaN, 2 infinite voxels" in out
+    warning = err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("medseg: warning: ") and "1 NaN" in err
+    nib.save(nib.Nifti1Image(np.ones((5, 4, 3), np.float32), np.eye(4)), tmp_path / "ok.nii.gz")
+    code, out, err = run(["inspect", str(tmp_path / "ok.nii.gz")], capsys)
+    assert code == 0 and err == "" and "non-finite voxels" in out
+
+
+# -- --help: plain text, nothing swallowed, nothing untrue ---------------------------------------
+def _all_commands() -> list[list[str]]:
+    from medseg.cli import app
+
+    group = typer.main.get_command(app)
+    out = []
+    for name, cmd in group.commands.items():  # type: ignore[attr-defined]
+        subs = getattr(cmd, "commands", None)
+        out += [[name, sub] for sub in subs] if subs else [[name]]
+    return out
+
+
+def test_help_of_every_command_keeps_brackets_and_shows_no_bool_metavar(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    commands = _all_commands()
+    assert ["preprocess"] in commands and ["manifest", "check"] in commands
+    texts = {}
+    for argv in commands:
+        code, out, _ = run([*argv, "--help"], capsys)
+        assert code == 0, argv
+        assert "<bool>" not in out and "\\[" not in out and "[/" not in out, argv
+        assert "<list[" not in out, argv  # a repeatable option shows what one value is
+        texts[" ".join(argv)] = " ".join(out.split())
+    assert "pipeline's [plan] table" in texts["preprocess"]
+    assert "TOML with [plan] overrides and [preprocess] options" in texts["preprocess"]
+    assert "from the pipeline's [train] table" in texts["train"]
+    # examples stay one command per line
+    code, out, _ = run(["preprocess", "--help"], capsys)
+    assert "\n    medseg preprocess --pipeline pipelines/brats2013.toml --workers 2\n" in out
+
+
+def test_infer_help_describes_how_labels_return_to_the_scan_grid(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(["infer", "--help"], capsys)
+    text = " ".join(out.split())
+    assert "one nearest-neighbour resample" not in text
+    assert "copied back exactly" in text and "highest probability after linear resampling" in text
+
+
+def test_inspect_prints_bracketed_names_as_they_are(
+    tmp_path: Path, image_volume: Volume, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "scan [plan] [T1].nii.gz"
+    write_volume(image_volume, path)
+    code, out, err = run(["inspect", str(path)], capsys)
+    assert code == 0, err
+    assert "scan [plan] [T1].nii.gz" in " ".join(out.split())

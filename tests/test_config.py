@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.config import check_plan_overrides, load_pipeline
+from medseg.config import check_plan_overrides, dicom_codes, load_pipeline
 from medseg.errors import PlanError
 from medseg.preprocess.fingerprint import CaseFingerprint, ChannelStats, Fingerprint
 from medseg.preprocess.plan import make_plan
@@ -131,3 +131,36 @@ def test_complete_pipeline_in_docs_is_accepted_and_lists_every_key(tmp_path: Pat
         for f in dataclasses.fields(cls):
             if f.name != "augment":
                 assert re.search(rf"^#? ?{f.name} = ", toml.group(1), re.M), f.name
+
+
+def test_dicom_codes_are_read_per_label_value(tmp_path: Path) -> None:
+    p = tmp_path / "p.toml"
+    p.write_text(
+        '[infer.dicom_codes.2]\ntype = ["SCT", "10200004", "Liver"]\n'
+        '[infer.dicom_codes.5]\ncategory = ["SCT", "49755003", "Altered Structure"]\n'
+    )
+    codes = dicom_codes(load_pipeline(p).infer, p)
+    assert codes == {
+        2: {"type": ["SCT", "10200004", "Liver"]},
+        5: {"category": ["SCT", "49755003", "Altered Structure"]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[infer.dicom_codes.liver]\ntype = ["SCT", "1", "x"]', "not a nonzero label value"),
+        ('[infer.dicom_codes.0]\ntype = ["SCT", "1", "x"]', "not a nonzero label value"),
+        ('[infer.dicom_codes.1]\ntype = ["SCT", "10200004"]', "give \\[scheme, code, meaning\\]"),
+        ('[infer.dicom_codes.1]\ncolour = ["SCT", "1", "x"]', "category and/or type"),
+        ("[infer]\ndicom_codes = 3", "must be a table"),
+    ],
+)
+def test_bad_dicom_codes_are_refused_naming_the_file(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    p = tmp_path / "p.toml"
+    p.write_text(body + "\n")
+    with pytest.raises(PlanError, match=message) as info:
+        load_pipeline(p)
+    assert str(p) in str(info.value)

@@ -212,7 +212,7 @@ def test_kept_heap_pays_where_amx_is(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_cli_keeps_the_heap_while_the_layout_says_so_and_run_tiles_never(
     net3d: UNet,
 ) -> None:
-    from medseg.cli.infer import _kept_heap_for
+    from medseg.inference.cohort import kept_heap_for
 
     image = np.random.default_rng(1).normal(size=(1, 37, 41, 29)).astype(np.float32)
     fast = tiled.inference_model(net3d)
@@ -222,9 +222,9 @@ def test_the_cli_keeps_the_heap_while_the_layout_says_so_and_run_tiles_never(
         pytest.skip("no glibc mallopt on this platform")
     for keep in (False, True):
         lay = tiled.TileLayout(layout.size, layout.tiles, layout.batch_size, False, keep)
-        for scope, kept in ((_kept_heap_for, keep), (None, False)):
+        for scope, kept in ((kept_heap_for, keep), (None, False)):
             seen: set[str] = set()
-            with _kept_heap_for(lay) if scope else contextlib.nullcontext():
+            with kept_heap_for(lay) if scope else contextlib.nullcontext():
                 tiled.run_tiles(
                     fast, image, lay, lambda _t, _o, s=seen: s.add(heap.mode()), prepare=False
                 )

@@ -266,3 +266,32 @@ def test_case_grids_agree_within_the_one_grid_tolerance(
     else:
         with pytest.raises(ManifestError, match="tolerance 0.01 mm"):
             m.validate()
+
+
+def test_nan_and_infinite_voxels_are_problems_counted_per_channel(tmp_path: Path) -> None:
+    img = np.ones((6, 5, 4), np.float32)
+    img[0, 0, :3] = np.nan
+    img[1, 1, 1] = -np.inf
+    _nii(tmp_path / "bad.nii.gz", img)
+    _nii(tmp_path / "good.nii.gz", np.ones((6, 5, 4), np.float32))
+    _nii(tmp_path / "lab.nii.gz", np.zeros((6, 5, 4), np.uint8))
+    cases = [{"case_id": c, "images": [f"{c}.nii.gz"], "label": "lab.nii.gz"}
+             for c in ("good", "bad")]  # fmt: skip
+    m = load_manifest(_write_manifest(tmp_path, cases, ["ct"]), tmp_path)
+    with pytest.raises(ManifestError) as exc:
+        m.validate()
+    lines = str(exc.value).splitlines()
+    assert "1 problem(s) in 1 of 2 case(s)" in lines[0]
+    assert len(lines) == 2 and "bad: " in lines[1] and "bad.nii.gz" in lines[1]
+    assert "channel 0: 3 NaN, 1 infinite voxels" in lines[1]  # counts as written above
+
+
+def test_a_split_no_case_has_is_refused_naming_the_splits(tmp_path: Path) -> None:
+    _nii(tmp_path / "a.nii.gz", np.ones((4, 4, 4), np.float32))
+    cases = [{"case_id": c, "images": ["a.nii.gz"], "split": s}
+             for c, s in (("x", "train"), ("y", "val"), ("z", None))]  # fmt: skip
+    m = load_manifest(_write_manifest(tmp_path, cases, ["ct"]), tmp_path)
+    assert [c.case_id for c in m.cases_of_split("val")] == ["y"]
+    assert [c.case_id for c in m.cases_of_split(None)] == ["x", "y", "z"]
+    with pytest.raises(ManifestError, match=r"m\.json: no case has split 'tset'; .*train, val$"):
+        m.cases_of_split("tset")

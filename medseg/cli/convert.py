@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from medseg.cli.app import app, console, help_text
+from medseg.cli.app import app, check_output_file, console, help_text
+from medseg.cli.dicom import allow_nonuniform_option, correct_tilt_option, reader_options
 
 _WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".png", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -53,16 +54,8 @@ def convert(
         help="Treat the input as a label map: integer values required, stored in the smallest "
         "integer type that holds them.",
     ),
-    allow_nonuniform: bool = typer.Option(
-        False,
-        "--allow-nonuniform",
-        help="DICOM: accept slices with uneven spacing (otherwise refused).",
-    ),
-    correct_tilt: bool = typer.Option(
-        False,
-        "--correct-tilt",
-        help="DICOM: accept a CT series acquired with gantry tilt (see README, DICOM).",
-    ),
+    allow_nonuniform: bool = allow_nonuniform_option(),
+    correct_tilt: bool = correct_tilt_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
     reference: Path = typer.Option(
         None,
@@ -83,19 +76,12 @@ def convert(
     if fmt is not None or output.name.lower().endswith(".dcm"):
         _convert_to_dicom(input, output, reference, series, fmt or "dicom-seg", overwrite)
         return
-    if not output.name.lower().endswith(_WRITE_SUFFIXES):
+    if not output.is_dir() and not output.name.lower().endswith(_WRITE_SUFFIXES):
         raise WriteError(
             f"{output}: cannot write this suffix; use .nii.gz, .nii, .nrrd, .mha, .png or .tif"
         )
-    if not output.parent.is_dir():
-        raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
-    if output.exists() and not overwrite:
-        raise WriteError(f"{output}: already exists; pass --overwrite to replace it")
-    options = {}
-    if allow_nonuniform:
-        options["allow_nonuniform"] = True
-    if correct_tilt:
-        options["correct_tilt"] = True
+    check_output_file(output, overwrite)
+    options = reader_options(allow_nonuniform, correct_tilt)
     vol = read_volume(input, series=series, label=label, reference=reference, **options)
     write_volume(vol, output)
     sp = " x ".join(f"{s:.4g}" for s in vol.spacing)
@@ -120,10 +106,7 @@ def _convert_to_dicom(
         raise WriteError(
             f"{output}: a {fmt} object references its image series; pass --reference DICOM_DIR"
         )
-    if not output.parent.is_dir():
-        raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
-    if output.exists() and not overwrite:
-        raise WriteError(f"{output}: already exists; pass --overwrite to replace it")
+    check_output_file(output, overwrite)
     label = read_volume(input, label=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -30,8 +30,10 @@ def demo(
         help="Optional cap on the training wall clock, in minutes (stops early, says so).",
     ),
 ) -> None:
+    from medseg.atomic import check_writable_folder
     from medseg.demo import run_demo
 
+    check_writable_folder(out)  # before minutes of data generation and training
     result = run_demo(out, steps=steps, budget_minutes=budget_minutes)
     print(
         f"demo finished in {result.seconds / 60:.1f} min: mean Dice {result.mean_dice:.3f} on "

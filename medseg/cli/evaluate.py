@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from medseg.cli.app import app, console, help_text
+from medseg.cli.cohort import log_option, scheduler_option, threads_option, workers_option
 from medseg.errors import CohortError
+
+if TYPE_CHECKING:
+    from medseg.cohort import CaseEvent, CaseLog
 
 
 @app.command(
@@ -39,9 +47,16 @@ from medseg.errors import CohortError
         "are evaluated, and the exit code is 1. The output folder is checked for writing before "
         "any case is read and locked while the command runs; the three files are written "
         "together (a full disk leaves none of them, or the previous ones).",
+        "Each case's metrics are a task: in this process, in --workers N local worker "
+        "processes (one compute thread each unless --threads), or on a running Dask cluster "
+        "(--scheduler tcp://HOST:8786; see docs/cohort.md); the three files are assembled "
+        "here, byte-identical wherever the cases ran. A worker that dies loses only its "
+        "running case, which is retried once. Every case event is also written to "
+        "OUT/evaluate.log (or --log).",
         "Examples:\n\n  medseg evaluate --pred out/preds --ref data/labelsTs --out reports/run1\n\n"
         "  medseg evaluate --manifest data_manifests/brats.json --pred out/preds "
-        "--out reports/brats --regions 'whole=1,2,3;core=1,3;enhancing=3'",
+        "--out reports/brats --regions 'whole=1,2,3;core=1,3;enhancing=3'\n\n"
+        "  medseg evaluate --pred out/preds --ref data/labelsTs --out reports/run1 --workers 2",
     ),
 )
 def evaluate(
@@ -73,16 +88,16 @@ def evaluate(
     resample_pred: bool = typer.Option(
         False, "--resample-pred", help="Resample predictions onto the reference grid (nearest)."
     ),
-    workers: int | None = typer.Option(
-        None, "--workers", min=1, help="Worker processes (default: CPUs, at most 8)."
-    ),
     worst: int = typer.Option(6, "--worst", min=0, help="Overlay pictures of this many cases."),
+    workers: int | None = workers_option(),
+    scheduler: str | None = scheduler_option(),
+    threads: int | None = threads_option(),
+    log: Path | None = log_option("OUT/evaluate.log"),
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
+    from medseg.atomic import check_writable, check_writable_folder
+    from medseg.cohort import CaseLog, Where
     from medseg.errors import ReadError
     from medseg.report.evaluate import (
-        default_workers,
         evaluate_cohort,
         pairs_from_manifest,
         pairs_from_paths,
@@ -107,27 +122,28 @@ def evaluate(
         "labels": labels,
         "regions": regions,
     }
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("evaluate", total=len(pairs))
+    place = Where(workers=workers, scheduler=scheduler, threads=threads)
+    check_writable_folder(out)  # before the log goes there
+    if log is not None:
+        check_writable(log)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"evaluate {len(pairs)} case(s) in {place.describe()}"
+    log = log or out / "evaluate.log"
+    with _removed_on_failure(out, created, log), CaseLog(console, log) as bar:
         result = evaluate_cohort(
             pairs,
             out,
             classes,
             tolerance_mm=tolerance_mm,
             resample_pred=resample_pred,
-            workers=workers or default_workers(),
-            progress=lambda done, total: bar.update(task, completed=done),
             title=title,
             settings=settings,
             worst_n=worst,
             discover=labels is None and not m_labels,
+            where=place,
+            # the log starts with the first case, once the folder is locked for this command
+            on_event=partial(_log_event, bar, header),
         )
     print(
         f"{out}: {len(pairs) - len(result.failures)} of {len(pairs)} cases evaluated; "
@@ -150,3 +166,26 @@ def evaluate(
             f"{len(result.failures)} of {len(pairs)} case(s) failed; see {out / 'report.html'}",
             result.failures,
         )
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path, created: bool, log: Path) -> Iterator[None]:
+    """Remove ``folder``, made by this command, with the log this run wrote in it, when the
+    command fails before its report is written (a full disk leaves no folder holding a lone
+    log); a folder that existed before is left as it was, the report files untouched."""
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                if log.parent.resolve() == folder.resolve():
+                    log.unlink(missing_ok=True)
+                folder.rmdir()  # only when nothing else is in it
+        raise
+
+
+def _log_event(bar: CaseLog, header: str, event: CaseEvent) -> None:
+    """``event`` on the bar and in the log, after ``header`` for the first one."""
+    if event.done == 1 and event.status != "retry":
+        bar.line(header, show=None)
+    bar(event)

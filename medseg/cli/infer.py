@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from medseg.cli.app import app, console, help_text
+from medseg.cli.app import app, check_output_file, console, help_text
+from medseg.cli.cohort import log_option, scheduler_option, threads_option, workers_option
+from medseg.cli.dicom import allow_nonuniform_option, correct_tilt_option
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
     from rich.progress import Progress
 
-    from medseg.inference.cohort import CaseInput
+    from medseg.cohort import Where
+    from medseg.inference.cohort import CaseInput, InferSettings
     from medseg.inference.model_folder import LoadedModel
-    from medseg.inference.tiled import TileLayout
+    from medseg.inference.outputs import OutputSpec
 
 
 def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
@@ -32,6 +35,29 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
     return int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts)
 
 
+_FORMAT = typer.Option(
+    None,
+    "--format",
+    help="nifti, nrrd, dicom-seg or rtstruct (default: from --output's suffix, .dcm = "
+    "dicom-seg; cohorts: the input's). DICOM outputs need DICOM series as inputs.",
+)
+_FRACTIONAL = typer.Option(
+    False, "--fractional", help="DICOM-SEG: FRACTIONAL segments from the class probabilities."
+)
+_STATS = typer.Option(
+    False,
+    "--stats",
+    help="Also write NAME_stats.json (per label: voxels, mL, RAS+ box and centroid in mm, "
+    "channel mean/sd); a cohort also stats.csv.",
+)
+_ENGINE = typer.Option(
+    "torch", "--engine", help="torch, or onnxruntime (CPU; runs the model folder's model.onnx)."
+)
+_ONNX = typer.Option(
+    None, "--onnx", help="--engine onnxruntime: the exported graph (default MODEL/model.onnx)."
+)
+
+
 @app.command(
     help=help_text(
         "Segment scans with a trained model folder; write labels on each scan's own grid.",
@@ -39,30 +65,54 @@ def _parse_tile_size(text: str | None) -> int | tuple[int, ...] | None:
         "with weights_only=True; a checkpoint holding pickled code is refused) and optionally "
         "postprocessing.json. Each case gets the plan's preprocessing, exact overlap-tile "
         "inference (tiles on the 2^depth lattice, mirrored at the border, each voxel written "
-        "once), is put back onto the scan's own grid (one nearest-neighbour resample), "
-        "postprocessed, and written with the data set's own label values and the input's "
-        "affine and shape.",
+        "once), is put back onto the scan's own grid, postprocessed, and written with the "
+        "data set's own label values and the input's affine and shape.",
+        "Back onto the scan's grid: where the plan only reoriented and cropped the scan, the "
+        "class of each voxel is copied back exactly; where it resampled, each voxel takes the "
+        "class of highest probability after linear resampling of the class probabilities "
+        "(evaluated near class boundaries only; elsewhere all neighbours agree). Voxels "
+        "outside the crop are background.",
         "Input: --volume once per channel in the plan's channel order (NIfTI, DICOM folder, "
         "NRRD/MHA, PNG/TIFF) with --output a file; or --input-dir DIR (nnU-Net names "
         "CASE_0000.nii.gz, CASE_0001.nii.gz per channel, else one file or DICOM folder per "
         "case) or --manifest M.json with --output a folder. Cohorts skip cases whose output "
         "exists (unless --overwrite), split with --shard i/n, finish the good cases and list "
-        "the failed ones (exit 1).",
+        "the failed ones (exit 1). A single --output file that exists is refused unless "
+        "--overwrite. Outputs are checked for writing, and --tile-size, --max-memory and "
+        "--split against the model and manifest, before any case is read.",
+        "Cohort cases run in this process, in --workers N local worker processes (one compute "
+        "thread each unless --threads; each loads the model once), or as tasks on a running "
+        "Dask cluster (--scheduler tcp://HOST:8786; see docs/cohort.md), with identical bytes "
+        "written. A case is finished, and skipped on a rerun, when its label file exists, is "
+        "newer than the model folder's files and the case's inputs, and has its probabilities "
+        "where asked for. A worker that dies loses only its running case, which is retried "
+        "once. Every case event is also written to OUTPUT/infer.log (or --log).",
         "Memory: the tile size is the largest whose forward pass fits --max-memory (default "
         "half the available memory; on CUDA also at most 80% of free GPU memory); "
         "--tile-size forces it. Labels are streamed tile by tile into one integer array "
         "(memory-mapped to a temporary file when large); probabilities are kept only with "
         "--save-probabilities (written as NAME_probabilities.nii.gz).",
+        "Outputs: a label image (NIfTI, NRRD, ...), or of a DICOM input a DICOM-SEG (.dcm "
+        "output or --format dicom-seg; --fractional for probabilities) or an RT Structure Set "
+        "(--format rtstruct) referencing its images; cohort cases are CASE_seg.dcm / "
+        "CASE_rtstruct.dcm. --stats adds structure statistics. --engine onnxruntime runs the "
+        "graph of medseg export.",
         "Examples:\n\n"
         "  medseg infer --volume scan.nii.gz --model runs/ct --output pred.nii.gz\n\n"
         "  medseg infer --volume flair.nii.gz --volume t1c.nii.gz --model runs/brats "
         "--output pred.nii.gz --tta flip\n\n"
-        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --shard 0/4",
+        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --shard 0/4\n\n"
+        "  medseg infer --input-dir imagesTs --model runs/ct --output preds --workers 2\n\n"
+        "  medseg infer --volume study/dicom/ --model runs/ct --output result.dcm --stats",
     ),
 )
 def infer(
     volume: list[Path] | None = typer.Option(
-        None, "--volume", "-v", help="Scan of one channel (repeat per channel, plan order)."
+        None,
+        "--volume",
+        "-v",
+        metavar="<path>",
+        help="Scan of one channel (repeat per channel, plan order).",
     ),
     model: Path = typer.Option(..., "--model", "-m", help="Model folder (training run)."),
     output: Path = typer.Option(
@@ -78,7 +128,9 @@ def infer(
     split: str | None = typer.Option(
         None, "--split", help="Manifest: only cases of this split (e.g. test)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose output exists."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --output file; cohorts: redo done cases."
+    ),
     shard: str | None = typer.Option(
         None, "--shard", help="i/n: this process takes every n-th case from i (0-based)."
     ),
@@ -113,34 +165,133 @@ def infer(
     suffix: str | None = typer.Option(
         None, "--suffix", help="Cohort output suffix (default: the input's, .nii.gz for DICOM)."
     ),
+    workers: int | None = workers_option(),
+    scheduler: str | None = scheduler_option(),
+    threads: int | None = threads_option(),
+    log: Path | None = log_option("OUTPUT/infer.log"),
+    allow_nonuniform: bool = allow_nonuniform_option(),
+    correct_tilt: bool = correct_tilt_option(),
+    fmt: str | None = _FORMAT,
+    fractional: bool = _FRACTIONAL,
+    stats: bool = _STATS,
+    engine: str = _ENGINE,
+    onnx: Path | None = _ONNX,
 ) -> None:
     from medseg.errors import ReadError
+    from medseg.inference.cohort import select_shard
     from medseg.runtime import parse_bytes
 
-    modes = [
-        m
-        for m, v in (("--volume", volume), ("--input-dir", input_dir), ("--manifest", manifest))
-        if v
-    ]
-    if len(modes) != 1:
-        raise ReadError("give exactly one of --volume, --input-dir or --manifest")
-    tta_axes = _infer_tta(model, tta)
-    kw: dict[str, Any] = {
-        "tile_size": _parse_tile_size(tile_size),
-        "max_memory": None if max_memory is None else parse_bytes(max_memory),
-        "tta": tta_axes,
-        "save_probabilities": save_probabilities,
-        "precision": precision,
-    }
-    _check_infer_paths(volume, output)
-    loaded, heap_kw = _load_for_infer(model, device, precision)
+    _check_one_input(volume, input_dir, manifest)
+    from medseg.atomic import check_writable
+    from medseg.cohort import Where, set_threads
+    from medseg.inference.cohort import InferSettings, cohort_plan
+
+    settings = InferSettings(
+        model=model,
+        device=device,
+        precision=precision,
+        tile_size=_parse_tile_size(tile_size),
+        max_memory=None if max_memory is None else parse_bytes(max_memory),
+        tta=_infer_tta(model, tta),
+        save_probabilities=save_probabilities,
+        series=series,
+        suffix=suffix,
+        allow_nonuniform=allow_nonuniform,
+        correct_tilt=correct_tilt,
+        outputs=_output_spec(model, output, fmt, fractional, stats, save_probabilities, volume),
+        **_engine(engine, onnx, device),
+    )
+    _check_infer_paths(volume, output, overwrite)
+    if log is not None:
+        check_writable(log)
     _warn_if_cut_short(model)
-    kw.update(heap_kw)
     if volume:
-        _infer_one(volume, series, loaded, output, kw)
+        if workers is not None or scheduler is not None:
+            raise ReadError("--workers and --scheduler run cohorts: use --input-dir or --manifest")
+        if threads is not None:
+            set_threads(threads)
+        _infer_one(volume, settings, *_load_one(volume, settings), output)
         return
-    cases = _infer_cases(input_dir, manifest, data_root, split, loaded.plan.in_channels)
-    _infer_cohort(cases, shard, loaded, output, overwrite, suffix, series, kw)
+    place = Where(workers=workers, scheduler=scheduler, threads=threads)
+    plan = cohort_plan(settings, place)
+    cases = select_shard(
+        _infer_cases(input_dir, manifest, data_root, split, plan.in_channels), shard
+    )
+    default_log = f"infer-{shard.replace('/', 'of').strip()}.log" if shard else "infer.log"
+    _infer_cohort(cases, settings, place, output, overwrite, log or output / default_log)
+
+
+def _check_one_input(volume: Any, input_dir: Path | None, manifest: Path | None) -> None:
+    """Exactly one of ``--volume``, ``--input-dir`` and ``--manifest``."""
+    from medseg.errors import ReadError
+
+    given = [v for v in (volume, input_dir, manifest) if v]
+    if len(given) != 1:
+        raise ReadError("give exactly one of --volume, --input-dir or --manifest")
+
+
+def _load_one(volume: list[Path], settings: InferSettings) -> tuple[LoadedModel, dict[str, Any]]:
+    """The model of a single case, checked with the case's input, ``--tile-size`` and
+    ``--max-memory`` before any tile runs; its network run by ``--engine``."""
+    from medseg.inference.cohort import load_for_infer
+    from medseg.inference.engine import with_engine
+    from medseg.inference.outputs import check_case_input
+    from medseg.inference.tiled import check_tiling
+
+    check_case_input(volume, settings.outputs.format, settings.series)
+    loaded, heap_kw = load_for_infer(settings.model, settings.device, settings.precision)
+    loaded = with_engine(loaded, settings.engine, onnx_path=settings.onnx)
+    spatial_dims = loaded.plan.spatial_dims
+    check_tiling(loaded.model, spatial_dims, settings.tile_size, settings.max_memory)
+    return loaded, heap_kw
+
+
+def _output_spec(
+    model: Path,
+    output: Path,
+    fmt: str | None,
+    fractional: bool,
+    stats: bool,
+    save_probabilities: bool,
+    volume: list[Path] | None,
+) -> OutputSpec:
+    """What each case is written as: ``--format`` (or the output file's suffix), FRACTIONAL,
+    statistics, probabilities, and the coded concepts of the model folder's
+    ``pipeline.toml`` ``[infer.dicom_codes]``."""
+    from medseg.config import dicom_codes, load_pipeline
+    from medseg.errors import WriteError
+    from medseg.inference.outputs import DICOM_FORMATS, OutputSpec, resolve_format
+
+    resolved = resolve_format(output, fmt, cohort=not volume)
+    if fractional and resolved != "dicom-seg":
+        raise WriteError(
+            "--fractional writes a FRACTIONAL DICOM-SEG: name the output .dcm or pass "
+            "--format dicom-seg"
+        )
+    if save_probabilities and resolved in DICOM_FORMATS:
+        raise WriteError(
+            f"--save-probabilities writes NIfTI beside label images; a {resolved} output "
+            "carries probabilities as --fractional (DICOM-SEG)"
+        )
+    run_toml = model / "pipeline.toml"
+    codes = dicom_codes(load_pipeline(run_toml).infer, run_toml) if run_toml.is_file() else {}
+    return OutputSpec(resolved, fractional, stats, codes)
+
+
+def _engine(engine: str, onnx: Path | None, device: str) -> dict[str, Any]:
+    """``--engine`` (checked: onnxruntime runs here on the CPU only) and ``--onnx``."""
+    from medseg.errors import ModelError
+    from medseg.inference.engine import ENGINES
+
+    if engine not in ENGINES:
+        raise ModelError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "onnxruntime" and device not in ("cpu", "auto"):
+        raise ModelError(f"--engine onnxruntime runs on the CPU; drop --device {device}")
+    return {"engine": engine, "onnx": onnx}
+
+
+def _warn(message: str) -> None:
+    console.print(f"medseg: warning: {message}", highlight=False, soft_wrap=True)
 
 
 def _warn_if_cut_short(model: Path) -> None:
@@ -170,47 +321,24 @@ def _infer_tta(model: Path, tta: str | None) -> str | None:
     return None if tta == "none" else tta
 
 
-def _check_infer_paths(volume: list[Path] | None, output: Path) -> None:
-    """One-line errors before anything runs: inputs that do not exist, an output file in a
-    missing folder or named as a folder, an output folder that does not exist."""
+def _check_infer_paths(volume: list[Path] | None, output: Path, overwrite: bool) -> None:
+    """One-line errors before anything runs: inputs that do not exist, an output file that
+    cannot be written (missing or read-only folder, a folder in its place, an existing file
+    without --overwrite), an output folder that does not exist or is read-only."""
+    from medseg.atomic import check_writable_folder
     from medseg.errors import ReadError, WriteError
 
     if volume:
-        if not output.parent.is_dir():
-            raise WriteError(f"{output}: folder {output.parent} does not exist; create it first")
-        if output.is_dir():
-            raise WriteError(f"{output}: is a folder; give a file name such as pred.nii.gz")
+        check_output_file(output, overwrite)
         for v in volume:
             if not v.exists():
                 raise ReadError(f"{v}: no such file or folder")
+    elif output.exists() and not output.is_dir():
+        raise WriteError(f"{output}: is a file; cohorts write into a folder, give one")
     elif not output.is_dir():
         raise WriteError(f"{output}: output folder does not exist; create it first")
-
-
-def _load_for_infer(model: Path, device: str, precision: str) -> tuple[LoadedModel, dict[str, Any]]:
-    """The model folder on its device, and the allocator settings its cases run with.
-
-    The allocator is process-wide state, so the command sets it, not the library: freed
-    memory goes back to the system (:func:`medseg.heap.return_freed_memory`), and where a
-    kept heap was measured faster (:func:`medseg.runtime.kept_heap_pays`) the tiles are
-    planned for it and each case's tiles run inside one (:func:`_kept_heap_for`)."""
-    from medseg import heap
-    from medseg.inference.model_folder import load_model
-    from medseg.runtime import check_precision, kept_heap_pays, resolve_device
-
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    loaded = load_model(model, dev)
-    heap.return_freed_memory()
-    return loaded, {"keep_heap": kept_heap_pays(dev), "tile_scope": _kept_heap_for}
-
-
-def _kept_heap_for(layout: TileLayout) -> AbstractContextManager[None]:
-    """Freed activations kept in the heap while a case's tiles run, where ``layout`` was
-    planned for it; afterwards the heap is given back (:func:`medseg.heap.kept_freed_memory`)."""
-    from medseg import heap
-
-    return heap.kept_freed_memory(layout.keep_heap)
+    else:
+        check_writable_folder(output)
 
 
 def _infer_progress() -> Progress:
@@ -228,14 +356,19 @@ def _infer_progress() -> Progress:
 
 
 def _infer_one(
-    volume: list[Path], series: str | None, loaded: LoadedModel, output: Path, kw: dict[str, Any]
+    volume: list[Path],
+    settings: InferSettings,
+    loaded: LoadedModel,
+    heap_kw: dict[str, Any],
+    output: Path,
 ) -> None:
     """Segment the one case of ``--volume`` into ``output``; print the files written."""
     from medseg.inference.case import check_channels, predict_case
-    from medseg.inference.cohort import read_case, write_prediction
+    from medseg.inference.cohort import read_case
+    from medseg.inference.outputs import reported_dicom_warnings, write_outputs
 
     # read and check before any progress output, so errors stay one line
-    images = read_case(volume, series)
+    images = read_case(volume, settings.series, **settings.dicom_options())
     check_channels(images, loaded.plan)
     with _infer_progress() as bar:
         tiles = bar.add_task("tiles", total=None)
@@ -243,9 +376,13 @@ def _infer_one(
             images,
             loaded,
             progress=lambda done, total: bar.update(tiles, completed=done, total=total),
-            **kw,
+            **settings.predict_kw(),
+            **heap_kw,
         )
-        written = write_prediction(pred, output)
+        with reported_dicom_warnings(_warn):
+            written = write_outputs(
+                pred, images, volume, output, loaded.plan, settings.outputs, series=settings.series
+            )
     for p in written:
         print(p)
 
@@ -266,38 +403,45 @@ def _infer_cases(
 
     assert manifest is not None
     m = load_manifest(manifest, data_root)
-    return [
-        CaseInput(c.case_id, list(c.images)) for c in m.cases if split is None or c.split == split
-    ]
+    return [CaseInput(c.case_id, list(c.images)) for c in m.cases_of_split(split)]
 
 
 def _infer_cohort(
     cases: list[CaseInput],
-    shard: str | None,
-    loaded: LoadedModel,
+    settings: InferSettings,
+    place: Where,
     output: Path,
     overwrite: bool,
-    suffix: str | None,
-    series: str | None,
-    kw: dict[str, Any],
+    log: Path,
 ) -> None:
-    """Segment this ``--shard`` of ``cases`` into the folder ``output``; print the counts."""
-    from medseg.inference.cohort import run_cohort, select_shard
+    """Segment ``cases`` into the folder ``output`` where ``place`` says; one bar over the
+    cases with the workers' count, each case event also a line in ``log``; print the counts."""
+    from medseg.cohort import CaseLog
+    from medseg.inference.cohort import run_cohort
+    from medseg.inference.outputs import reported_dicom_warnings
 
-    cases = select_shard(cases, shard)
-    with _infer_progress() as bar:
-        tiles = bar.add_task("tiles", total=None)
-        task = bar.add_task("cases", total=len(cases))
-        status = run_cohort(
-            cases,
-            loaded,
-            output,
-            overwrite=overwrite,
-            suffix=suffix,
-            series=series,
-            on_case=lambda _cid, _st: bar.advance(task),
-            progress=lambda done, total: bar.update(tiles, completed=done, total=total),
-            **kw,
-        )
-    done = sum(s == "done" for s in status.values())
-    print(f"{output}: {done} cases written, {len(status) - done} skipped (already done)")
+    stats = _cohort_stats(cases, settings, output)
+    with reported_dicom_warnings(_warn), stats, CaseLog(console, log) as bar:
+        bar.line(f"infer {len(cases)} case(s) with {settings.model} in {place.describe()}")
+        outcome = run_cohort(cases, settings, output, overwrite=overwrite, where=place,
+                             on_event=bar)  # fmt: skip
+    print(
+        f"{output}: {len(outcome.done)} cases written, {len(outcome.skipped)} skipped "
+        "(already done)"
+    )
+
+
+@contextmanager
+def _cohort_stats(cases: list[CaseInput], settings: InferSettings, output: Path) -> Iterator[None]:
+    """With ``--stats``, after the cohort (finished or not): ``stats.csv`` from the stats of
+    every case written, and its path printed."""
+    try:
+        yield
+    finally:
+        if settings.outputs.stats:
+            from medseg.inference.outputs import write_cohort_stats
+
+            outs = {c.case_id: settings.output(output, c) for c in cases}
+            table = write_cohort_stats(output, outs)
+            if table is not None:
+                print(table)

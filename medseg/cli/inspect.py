@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from medseg.cli.app import app, help_text
+from medseg.cli.app import app, console, help_text
+from medseg.cli.dicom import allow_nonuniform_option, correct_tilt_option, reader_options
 from medseg.cli.tables import series_table, volume_table
 from medseg.errors import MedsegError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from medseg.volume import Volume
 
 
 @app.command(
@@ -37,6 +44,8 @@ def inspect(
         "-s",
         help="DICOM folders: the series to describe, by index or SeriesInstanceUID as listed.",
     ),
+    allow_nonuniform: bool = allow_nonuniform_option(),
+    correct_tilt: bool = correct_tilt_option(),
 ) -> None:
     """Describe a scan: shape, spacing (mm), orientation, origin, dtype and value range."""
     from rich.console import Console as _Console
@@ -44,7 +53,8 @@ def inspect(
     from medseg.errors import ReadError
     from medseg.io import read_volume, volume_format
 
-    out = _Console()
+    out = _Console(markup=False)  # a series description "[T1]" stays as it is
+    options = reader_options(allow_nonuniform, correct_tilt)
     if not path.exists():
         raise ReadError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -63,13 +73,28 @@ def inspect(
             # describing the only series is a courtesy: a series that needs options to read
             # (gantry tilt, uneven slices) is reported, not an error of `inspect`
             try:
-                vol = read_volume(path)
+                vol = read_volume(path, **options)
             except MedsegError as exc:
-                out.print(f"[yellow]not read as a volume:[/yellow] {exc}", highlight=False)
+                out.print(f"not read as a volume: {exc}", highlight=False)
                 return
-            out.print(volume_table(vol, f"{path}"))
+            _describe(out, vol, path)
             return
-    elif volume_format(path) != "dicom" and series is not None:
-        raise ReadError(f"{path}: --series applies to DICOM input only")
-    vol = read_volume(path, series=series)
+    elif volume_format(path) != "dicom" and (series is not None or options):
+        raise ReadError(f"{path}: --series and the DICOM options apply to DICOM input only")
+    _describe(out, read_volume(path, series=series, **options), path)
+
+
+def _describe(out: Console, vol: Volume, path: Path) -> None:
+    """The volume's table, and a warning line on stderr for NaN or infinite voxels (which
+    preprocess refuses and which would otherwise hide in the finite value range)."""
+    from medseg.volume import describe_nonfinite
+
     out.print(volume_table(vol, f"{path}"))
+    bad = describe_nonfinite(vol.array)
+    if bad:
+        console.print(
+            f"medseg: warning: {path}: {bad}; preprocess refuses such a scan (fix or mask it)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )

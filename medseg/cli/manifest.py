@@ -7,23 +7,20 @@ from typing import Any
 
 import typer
 
-from medseg.cli.app import app, console, help_text
+from medseg.cli.app import app, check_output_file, console, help_text
 
 manifest_app = typer.Typer(
     help="Create and check data set manifests (JSON lists of cases: images, label, split).",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
 )
 app.add_typer(manifest_app, name="manifest")
 
 
 def _write_manifest(obj: dict[str, Any], out: Path, overwrite: bool) -> None:
     from medseg.atomic import write_json
-    from medseg.errors import ManifestError
     from medseg.manifest import parse_manifest
 
-    if out.exists() and not overwrite:
-        raise ManifestError(f"{out}: already exists; pass --overwrite to replace it")
     m = parse_manifest(obj, out)  # structural check before anything is written
     write_json(out, obj)
     splits = {s: len(m.split(s)) for s in sorted({c.split or "none" for c in m.cases})}
@@ -66,6 +63,7 @@ def manifest_import_msd(
     """Manifest from a Medical Segmentation Decathlon dataset.json."""
     from medseg.manifest import import_msd
 
+    check_output_file(out, overwrite)
     _write_manifest(import_msd(dataset_json, val_fraction=val_fraction, name=name), out, overwrite)
 
 
@@ -97,6 +95,7 @@ def manifest_import_nnunet(
     """Manifest from an nnU-Net raw folder: imagesTr/CASE_0000.nii.gz ..., labelsTr/CASE.nii.gz."""
     from medseg.manifest import import_nnunet
 
+    check_output_file(out, overwrite)
     _write_manifest(import_nnunet(raw_dir, val_fraction=val_fraction, name=name), out, overwrite)
 
 
@@ -129,6 +128,7 @@ def manifest_import_folders(
     """Manifest pairing two folders by file name without suffix (case1.png <-> case1.png)."""
     from medseg.manifest import import_folders
 
+    check_output_file(out, overwrite)
     names = [c.strip() for c in channels.split(",")] if channels else None
     obj = import_folders(images, labels, name=name, channels=names, val_fraction=val_fraction)
     _write_manifest(obj, out, overwrite)

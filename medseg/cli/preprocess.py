@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from medseg.cli.app import app, console, help_text
+from medseg.cli.cohort import log_option, scheduler_option, threads_option, workers_option
 
 
 @app.command(
@@ -18,7 +19,7 @@ from medseg.cli.app import app, console, help_text
         "derive plan.json (target spacing, RAS orientation, per-channel normalisation, crop to "
         "the non-zero box, 2D or 3D U-Net with its depth, widths, training patch and inference "
         "tile sizes fitted to the median case and a memory budget), overridden by the "
-        "pipeline's \\[plan] table; then reorient, crop, normalise and resample each case and "
+        "pipeline's [plan] table; then reorient, crop, normalise and resample each case and "
         "write it under OUT/cases/<case_id>/ as memory-mappable .npy files.",
         "Reruns skip cases whose input files, plan and options did not change; an interrupted "
         "run resumes; --overwrite redoes everything. A case that fails (unreadable file, label "
@@ -29,7 +30,10 @@ from medseg.cli.app import app, console, help_text
         "tcp://HOST:8786; see docs/cohort.md), with identical bytes in the cache. A worker that "
         "dies loses only its running case, which is retried once. Every case event is also "
         "written to OUT/preprocess.log (or --log).",
-        "\\[preprocess] options: workers, memory_budget_gb, fingerprint_samples, border_weights "
+        "OUT is checked for writing before any case is read and locked while preprocess "
+        "writes it: a second preprocess on it is refused, naming the first. A case that cannot "
+        "be written whole (disk full) leaves no files.",
+        "[preprocess] options: workers, memory_budget_gb, fingerprint_samples, border_weights "
         '= {w0 = 10, sigma = 5, instances = "components" | "label"} (U-Net weight maps).',
         "Examples:\n\n  medseg preprocess --pipeline pipelines/brats2013.toml --workers 2\n"
         "  medseg preprocess --pipeline pipelines/brats2013.toml --scheduler tcp://10.0.0.5:8786",
@@ -45,26 +49,16 @@ def preprocess(
     pipeline: Path | None = typer.Option(
         None, "--pipeline", help="Pipeline TOML with [plan] overrides and [preprocess] options."
     ),
-    workers: int | None = typer.Option(
-        None,
-        "--workers",
-        min=1,
-        help="Local worker processes (default: \\[preprocess] workers, else this process).",
-    ),
-    scheduler: str | None = typer.Option(
-        None, "--scheduler", help="Run cases on this Dask scheduler (tcp://HOST:PORT)."
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="Compute threads per worker (default 1 with workers)."
-    ),
-    log: Path | None = typer.Option(
-        None, "--log", help="Progress log file (default: OUT/preprocess.log)."
-    ),
+    workers: int | None = workers_option("[preprocess] workers, else this process"),
+    scheduler: str | None = scheduler_option(),
+    threads: int | None = threads_option(),
+    log: Path | None = log_option("OUT/preprocess.log"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every case."),
     data_root: Path | None = typer.Option(
         None, "--data-root", help="Folder the manifest's relative paths start from."
     ),
 ) -> None:
+    from medseg.atomic import check_writable, check_writable_folder, folder_lock
     from medseg.cohort import CaseLog, Where
     from medseg.config import Pipeline, load_pipeline
     from medseg.errors import PlanError
@@ -86,8 +80,12 @@ def preprocess(
         scheduler=scheduler,
         threads=threads,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    with CaseLog(console, log or out / "preprocess.log") as bar:
+    check_writable_folder(out)
+    if log is not None:
+        check_writable(log)
+    # the lock covers the log too: a refused second writer must not touch the first one's
+    lock = folder_lock(out, "medseg preprocess")
+    with lock, CaseLog(console, log or out / "preprocess.log") as bar:
         bar.line(f"preprocess {len(m.cases)} case(s) of {manifest} in {place.describe()}")
         result = preprocess_cohort(
             m,
@@ -99,6 +97,7 @@ def preprocess(
             report=bar.line,
             where=place,
             on_event=bar,
+            lock_held=True,
         )
     s = summary(out)
     print(

@@ -16,6 +16,8 @@ def volume_table(vol: Volume, title: str) -> Table:
     import numpy as np
     from rich.table import Table
 
+    from medseg.volume import describe_nonfinite
+
     def fmt(xs: tuple[float, ...] | list[float]) -> str:
         return " x ".join(f"{x:.6g}" for x in xs)
 
@@ -39,6 +41,8 @@ def volume_table(vol: Volume, title: str) -> Table:
         finite = a[np.isfinite(a)] if np.issubdtype(a.dtype, np.floating) else a
         rng = f"{finite.min():.6g} .. {finite.max():.6g}" if finite.size else "no finite values"
         t.add_row(f"range channel {c}", rng)
+    bad = describe_nonfinite(vol.array)
+    t.add_row("non-finite voxels", bad or "none")
     if vol.is_label or (np.issubdtype(vol.array.dtype, np.integer) and vol.channels == 1):
         values = np.unique(vol.array)
         if values.size <= 20:

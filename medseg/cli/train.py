@@ -13,20 +13,19 @@ from medseg.errors import MedsegError
 
 @app.command(
     help=help_text(
-        "Train a valid-convolution U-Net on a preprocessed cache (run [bold]medseg preprocess"
-        "[/bold] first).",
+        "Train a valid-convolution U-Net on a preprocessed cache (run medseg preprocess first).",
         "Patches are drawn from the cache with foreground oversampling and augmented (elastic "
         "deformation, rotation, scaling, mirroring, intensity); the loss and optimiser come "
-        "from the pipeline's \\[train] table. Every val_every epochs the validation cases of "
-        "the fold are segmented whole, by the same overlap-tile inference as [bold]medseg "
-        "infer[/bold], and scored by Dice per class.",
+        "from the pipeline's [train] table. Every val_every epochs the validation cases of "
+        "the fold are segmented whole, by the same overlap-tile inference as medseg "
+        "infer, and scored by Dice per class.",
         "The run folder receives plan.json, pipeline.toml, model.pt (weights only; the best "
-        'validation epoch unless \\[train] select = "last"), checkpoint_last.pt, '
+        'validation epoch unless [train] select = "last"), checkpoint_last.pt, '
         "checkpoint_best.pt, train_log.csv, training.json, train_summary.json and "
         "postprocessing.json. All writes are atomic and the folder is locked while training "
         "writes it (a second train on it is refused). A run resumed with --resume after any "
         "stop (a kill, the time cap) ends with the weights of an uninterrupted run.",
-        "Length: \\[train] steps, else epochs x iterations_per_epoch optimiser steps; the "
+        "Length: [train] steps, else epochs x iterations_per_epoch optimiser steps; the "
         "learning rate follows the step, never the clock. --time-budget only caps the wall "
         "clock: a run it stops says 'stopped by the time budget at step N of M'.",
         "Folds: a seeded 5-fold split is saved once as splits.json in the preprocessed folder; "
@@ -47,10 +46,10 @@ def train(
         "manifest's own train/val split). Default: [train] fold, else 0.",
     ),
     epochs: int | None = typer.Option(
-        None, "--epochs", min=1, help="Total epochs (overrides \\[train] epochs and steps)."
+        None, "--epochs", min=1, help="Total epochs (overrides [train] epochs and steps)."
     ),
     steps: int | None = typer.Option(
-        None, "--steps", min=1, help="Total optimiser steps (overrides \\[train] steps, epochs)."
+        None, "--steps", min=1, help="Total optimiser steps (overrides [train] steps, epochs)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from checkpoint_last.pt."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
@@ -66,7 +65,7 @@ def train(
     time_budget: float | None = typer.Option(
         None,
         "--time-budget",
-        help="Optional cap, in minutes, on this invocation (overrides \\[train] "
+        help="Optional cap, in minutes, on this invocation (overrides [train] "
         "time_budget_minutes); it stops training early, never changes the schedule.",
     ),
 ) -> None:

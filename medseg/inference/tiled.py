@@ -116,6 +116,54 @@ def tile_layout(
     return layout
 
 
+def smallest_tile(network: dict[str, Any]) -> int:
+    """The smallest output tile side (voxels) ``network`` computes: one step of the
+    ``2^depth`` lattice tiles sit on, made valid (:func:`medseg.tiling.clamp_tile_size`'s floor)."""
+    depth = int(network["depth"])
+    convs = int(network.get("convs_per_level", 2))
+    return shapes.valid_output_size(shapes.lattice(depth), depth, convs, "ge")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def check_tiling(
+    model: nn.Module, dims: int, tile_size: int | Sequence[int] | None, max_memory: int | None
+) -> None:
+    """Refuse, before any case is read, a ``--tile-size`` below the network's smallest tile
+    (or with the wrong number of axes) and a ``--max-memory`` that cannot hold its smallest tile:
+    either would only make a job run for hours on the smallest tiles."""
+    network: dict[str, Any] = model.network  # type: ignore[assignment]
+    floor = smallest_tile(network)
+    size = (floor,) * dims
+    if tile_size is not None:
+        req = (int(tile_size),) * dims if isinstance(tile_size, int) else tuple(tile_size)
+        shown = str(tile_size) if isinstance(tile_size, int) else ",".join(map(str, req))
+        if len(req) != dims:
+            raise ModelError(
+                f"--tile-size {shown}: this {dims}D network needs 1 or {dims} sizes, e.g. "
+                f"{','.join([str(floor * 4)] * dims)}"
+            )
+        if min(req) < floor:
+            raise ModelError(
+                f"--tile-size {shown}: below the smallest tile this network computes ({floor} "
+                f"voxels per axis, depth {network['depth']}); give at least {floor}"
+            )
+    if max_memory is not None:
+        cl = default_channels_last(model)
+        need = min(
+            tiling.tile_bytes(size, network, channels_last=cl, lean=lean)
+            for lean in (False, bool(getattr(model, "lean", False)))
+        )
+        if max_memory < need:
+            raise ModelError(
+                f"--max-memory {_size(max_memory)}: the smallest tile of this network "
+                f"({'x'.join(map(str, size))} voxels) needs {_size(need)}; give at least "
+                f"{math.ceil(need / 2**20)}M"
+            )
+
+
 def computed_voxels(layout: TileLayout, network: dict[str, Any]) -> int:
     """Input voxels the network runs over for ``layout``: tiles times tile input size."""
     margin = shapes.margin(int(network["depth"]), int(network.get("convs_per_level", 2)))

@@ -1027,6 +1027,19 @@ def _channel_order(
     )
 
 
+#: The commands that read a DICOM series given on their command line take the reader's options.
+OPTION_COMMANDS = ("inspect", "convert", "infer")
+
+
+def _option_hint(option: str, keyword: str) -> str:
+    """How to pass a reader option, truthful for every command: those of
+    :data:`OPTION_COMMANDS` take it; a series named in a manifest is converted once first."""
+    return (
+        f"pass {option} to medseg {', '.join(OPTION_COMMANDS)} ({keyword}=True in Python); "
+        f"for a manifest, convert the series first (medseg convert DIR scan.nii.gz {option})"
+    )
+
+
 def _analyse(g: _Group, where: str, *, allow_nonuniform: bool, correct_tilt: bool) -> _Stack:
     frames = g.frames
     fr0 = frames[0]
@@ -1086,8 +1099,8 @@ def _analyse(g: _Group, where: str, *, allow_nonuniform: bool, correct_tilt: boo
             if not correct_tilt:
                 raise DicomError(
                     f"{where}: gantry tilt of {angle:.2f} degrees (slice positions are not along "
-                    "the image normal); pass correct_tilt=True (--correct-tilt) to read it "
-                    "with a sheared affine of the true geometry"
+                    "the image normal); read it with a sheared affine of the true geometry: "
+                    f"{_option_hint('--correct-tilt', 'correct_tilt')}"
                 )
             meta["gantry_tilt_deg"] = round(angle, 4)
             meta["tilt"] = "sheared affine (exact geometry, no resampling)"
@@ -1107,8 +1120,8 @@ def _analyse(g: _Group, where: str, *, allow_nonuniform: bool, correct_tilt: boo
                 raise DicomError(
                     f"{where}: slice gaps are not uniform ({float(gaps.min()):.3f} to "
                     f"{float(gaps.max()):.3f} mm, median {med:.3f} mm; e.g. a missing slice "
-                    f"after position {along[worst]:.2f} mm); pass allow_nonuniform=True "
-                    "(--allow-nonuniform) to resample linearly to the median spacing"
+                    f"after position {along[worst]:.2f} mm); resample it linearly to the median "
+                    f"spacing: {_option_hint('--allow-nonuniform', 'allow_nonuniform')}"
                 )
             resample = med
             step = direction * med

@@ -160,9 +160,12 @@ def check_on_grid(label: Volume, source: SourceSeries, what: str, error: type[Ex
 
 
 def label_values(label: Volume, labels: dict[int, str] | None, what: str, error: type) -> list[int]:
-    """Nonzero label values to encode: those of ``labels`` (or present in the map), ascending."""
+    """Nonzero label values to encode: those of ``labels`` (or present in the map), ascending.
+
+    A map without any nonzero voxel is refused unless ``labels`` names what it should hold (a
+    model's empty prediction is still a result: its segments are written, empty)."""
     present = {int(v) for v in np.unique(label.array)} - {0}
-    if not present:
+    if not present and not (set(labels or {}) - {0}):
         raise error(f"{what}: label map is empty (no nonzero voxel); nothing to encode")
     values = sorted(present if labels is None else {int(v) for v in labels} - {0})
     missing = present - set(values)

@@ -124,7 +124,12 @@ def write(volume: Volume, path: Path) -> None:
             f"{p}: detached-header formats (.nhdr/.mhd) are not written; use .nrrd or .mha"
         )
     image = to_itk_image(volume)
-    try:
-        write_with(p, lambda tmp: sitk.WriteImage(image, str(tmp), True))
-    except RuntimeError as exc:
-        raise WriteError(f"{p}: cannot write: {' '.join(str(exc).split())[-200:]}") from None
+
+    def write(tmp: Path) -> None:
+        try:
+            sitk.WriteImage(image, str(tmp), True)
+        except RuntimeError as exc:
+            # as an OSError, the atomic writer names a full disk as such (ITK gives no errno)
+            raise OSError(f"ITK: {' '.join(str(exc).split())[-200:]}") from None
+
+    write_with(p, write)

@@ -86,9 +86,27 @@ def _contour_items(mask: np.ndarray, source: SourceSeries) -> list[Any]:
             item.ContourImageSequence = [image]
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(lps)
-            item.ContourData = [f"{v:.4f}" for v in lps.ravel()]
+            item[_CONTOUR_DATA] = _ds_element(_CONTOUR_DATA, lps.ravel())
             items.append(item)
     return items
+
+
+#: (3006,0050) Contour Data
+_CONTOUR_DATA = 0x30060050
+
+
+def _ds_element(tag: int, values: np.ndarray) -> Any:
+    """A DS element of ``values`` (mm, 4 decimals) as encoded text: pydicom would otherwise
+    parse and check every number as it is set (most of the time a large structure set takes
+    to write)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    text = "\\".join(f"{v:.4f}" for v in values)
+    if len(text) % 2:
+        text += " "  # DS values have even length, padded with a space
+    raw = text.encode("ascii")
+    return RawDataElement(Tag(tag), "DS", len(raw), raw, 0, False, True)
 
 
 def _header(source: SourceSeries, algorithm: tuple[str, str]) -> Any:

@@ -14,6 +14,7 @@ complete exactly when its ``case.json`` exists: an interrupted run resumes clean
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg import __version__, atomic
-from medseg.errors import PlanError
+from medseg.errors import PlanError, WriteError
 from medseg.preprocess.pipeline import CaseRecord
 
 #: Bump when the cache format or the preprocessing maths change: old cases are redone.
@@ -103,10 +104,42 @@ def write_case(
     digest: str,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one case atomically, file by file, ``case.json`` last."""
+    """Write one case atomically, file by file, ``case.json`` last.
+
+    A case that cannot be written whole (disk full, a read-only folder) leaves nothing: its
+    files are removed, and its folder too when that empties it."""
     d = case_dir(prep_dir, case_id)
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"{d}: cannot create the case folder ({exc.strerror})") from exc
     (d / "case.json").unlink(missing_ok=True)
+    try:
+        return _write_files(d, case_id, image, label, weights, locations, record, digest, extra)
+    except BaseException:
+        for name in _CASE_FILES:
+            (d / name).unlink(missing_ok=True)
+        for folder in (d, d.parent):  # the case folder, then cases/ if this was its first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
+
+
+#: Every file a case folder may hold (``case.json`` last written, first removed).
+_CASE_FILES = ("image.npy", "label.npy", "weights.npy", "locations.npz", "case.json")
+
+
+def _write_files(
+    d: Path,
+    case_id: str,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    weights: np.ndarray | None,
+    locations: dict[int, np.ndarray] | None,
+    record: CaseRecord,
+    digest: str,
+    extra: dict[str, Any] | None,
+) -> Path:
     files = ["image.npy"]
     _save_npy(d / "image.npy", image.astype(np.float32, copy=False))
     for name, arr, dtype in (("label.npy", label, np.int16), ("weights.npy", weights, np.float32)):

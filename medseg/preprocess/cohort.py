@@ -11,6 +11,7 @@ image/label grids that differ, NaN voxels) is reported at the end; the others fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.atomic import check_writable_folder, folder_lock
 from medseg.cohort import CaseEvent, Where, run_tasks
 from medseg.errors import CohortError, PlanError
 from medseg.preprocess.fingerprint import (
@@ -163,18 +165,40 @@ def preprocess_cohort(
     report: Callable[[str], None] = print,
     where: Where | None = None,
     on_event: Callable[[CaseEvent], None] | None = None,
+    lock_held: bool = False,
 ) -> CohortResult:
     """Fingerprint ``manifest``, write ``plan.json`` and every case under ``prep_dir``.
 
     ``where`` says where cases run (default: ``options.workers`` local processes, or this
     process); ``on_event`` gets every case's :class:`~medseg.cohort.CaseEvent` (a progress
     bar), ``report`` other lines (warnings, skipped count). Raises ``CohortError`` listing the
-    failed cases at the end, after the others are written.
+    failed cases at the end, after the others are written. ``prep_dir`` is checked for writing
+    before any case is read and locked while it is written (``LockError`` names the holder),
+    unless ``lock_held``: the caller holds that lock already (the command line, whose log
+    lives in the folder).
     """
-    opts = options or Options()
-    where = where or Where(workers=opts.workers)
     prep = Path(prep_dir)
-    (prep / "cases").mkdir(parents=True, exist_ok=True)
+    check_writable_folder(prep)
+    lock = contextlib.nullcontext() if lock_held else folder_lock(prep, "medseg preprocess")
+    with lock:
+        return _preprocess_locked(
+            manifest, prep, plan_overrides, options or Options(), overwrite, source, report,
+            where, on_event,
+        )  # fmt: skip
+
+
+def _preprocess_locked(
+    manifest: Any,
+    prep: Path,
+    plan_overrides: dict[str, Any] | None,
+    opts: Options,
+    overwrite: bool,
+    source: str,
+    report: Callable[[str], None],
+    where: Where | None,
+    on_event: Callable[[CaseEvent], None] | None,
+) -> CohortResult:
+    where = where or Where(workers=opts.workers)
     cases = list(manifest.cases)
     fp, failures = _fingerprint(manifest, cases, opts, where, on_event)
     fp.save(prep / "fingerprint.json")
@@ -208,9 +232,9 @@ def preprocess_cohort(
     if result.skipped:
         report(f"{len(result.skipped)} case(s) up to date, skipped")
     if failures:
-        raise CohortError(
-            f"{len(failures)} of {len(cases)} case(s) failed; the others are in {prep}", failures
-        )
+        kept = len(result.done) + len(result.skipped)
+        where_rest = f"the other {kept} are in {prep}" if kept else "no case was written"
+        raise CohortError(f"{len(failures)} of {len(cases)} case(s) failed; {where_rest}", failures)
     return result
 
 

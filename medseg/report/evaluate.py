@@ -1,5 +1,7 @@
-"""Evaluate a cohort: pair predictions with references, compute metrics in parallel, write
-``metrics.csv`` (tidy), ``summary.json`` and ``report.html``.
+"""Evaluate a cohort: pair predictions with references, compute each case's metrics as a task
+(:func:`medseg.cohort.run_tasks`: in this process, local worker processes or a Dask cluster),
+then write ``metrics.csv`` (tidy), ``summary.json`` and ``report.html`` once, here, from the
+results in the pairs' order: the same bytes wherever the cases ran.
 
 Pairs come from two files, two folders matched by case id (the file name without its volume
 suffix), or a manifest plus a prediction folder. With a manifest, a case's ``extras["fov"]``
@@ -25,15 +27,15 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.atomic import atomic_path, check_writable_folder, folder_lock
+from medseg.cohort import CaseEvent, Where, run_tasks
 from medseg.errors import GeometryError, MedsegError, ReadError
 from medseg.io import VOLUME_SUFFIXES, split_suffix
 from medseg.metrics import METRIC_NAMES, label_metrics
@@ -106,8 +108,8 @@ def pairs_from_manifest(
         raise ReadError(f"{pred}: with --manifest, --pred must be a folder of predictions")
     preds = _volume_files(pred)
     pairs = []
-    for c in m.cases:
-        if c.label is None or (split is not None and c.split != split):
+    for c in m.cases_of_split(split):
+        if c.label is None:
             continue
         pairs.append(
             EvalPair(
@@ -489,8 +491,16 @@ def evaluate_cohort(
     settings: dict[str, Any] | None = None,
     worst_n: int = 6,
     discover: bool = False,
+    where: Where | None = None,
+    on_event: Callable[[CaseEvent], None] | None = None,
+    evaluate: Callable[..., CaseResult] | None = None,
 ) -> CohortResult:
     """Evaluate every pair and write ``metrics.csv``, ``summary.json``, ``report.html``.
+
+    Cases run where ``where`` says (default: ``workers`` local processes when more than one,
+    else this process); ``on_event`` gets each case's :class:`~medseg.cohort.CaseEvent`,
+    ``progress`` ``(done, total)``. ``evaluate`` replaces :func:`evaluate_pair` (a
+    module-level function taking the same arguments).
 
     ``out_dir`` is checked for writing before any case is read and locked
     (``medseg.atomic.folder_lock``) until the three files are written, together: a failure
@@ -499,9 +509,12 @@ def evaluate_cohort(
     summary and report.
     """
     check_writable_folder(out_dir)
+    if where is None:
+        where = Where(workers=workers) if workers > 1 and len(pairs) > 1 else Where()
     with folder_lock(out_dir, "medseg evaluate"):
-        args = [(p, classes, tolerance_mm, resample_pred, discover) for p in pairs]
-        results = _run_cases(args, workers, progress)
+        job = partial(evaluate or evaluate_pair, classes=classes, tolerance_mm=tolerance_mm,
+                      resample_pred=resample_pred, discover=discover)  # fmt: skip
+        results = _run_cases(pairs, job, where, _events(progress, on_event))
         names = fill_absent_classes(results)
         failures = {r.case_id: str(r.error) for r in results if r.error is not None}
         summary = _summary(results, names, classes, discover, title, tolerance_mm, settings)
@@ -565,66 +578,39 @@ def classes_rule(discover: bool, named: bool) -> str:
     )
 
 
+def _pair_id(pair: EvalPair) -> str:
+    return pair.case_id
+
+
+def _events(
+    progress: Callable[[int, int], None] | None, on_event: Callable[[CaseEvent], None] | None
+) -> Callable[[CaseEvent], None]:
+    def tell(event: CaseEvent) -> None:
+        if progress is not None and event.status != "retry":
+            progress(event.done, event.total)
+        if on_event is not None:
+            on_event(event)
+
+    return tell
+
+
 def _run_cases(
-    args: list[tuple[EvalPair, dict[str, list[int]], float, bool, bool]],
-    workers: int,
-    progress: Callable[[int, int], None] | None,
+    pairs: Sequence[EvalPair],
+    job: Callable[[EvalPair], CaseResult],
+    where: Where,
+    on_event: Callable[[CaseEvent], None],
 ) -> list[CaseResult]:
-    """``evaluate_pair`` of every case, in order; in ``workers`` processes when > 1. A case
-    whose worker process dies (killed, out of memory) is retried alone, so only the case that
-    kills its worker fails, named with that cause."""
-    n = len(args)
-    results: list[CaseResult | None] = [None] * n
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, n)
-
-    if workers > 1 and n > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, n)) as pool:
-            futures = {pool.submit(_evaluate_star, a): i for i, a in enumerate(args)}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                with contextlib.suppress(BrokenProcessPool):  # retried alone below
-                    results[i] = _result_of(fut, args[i][0])
-                    tick()
-    for i, a in enumerate(args):
-        if results[i] is None:
-            results[i] = _evaluate_alone(a) if workers > 1 and n > 1 else _evaluate_star(a)
-            tick()
-    return [r for r in results if r is not None]
-
-
-def _result_of(fut: Any, pair: EvalPair) -> CaseResult:
-    """A worker's result, or its failure (an exception raised outside ``evaluate_pair``'s
-    own handling, e.g. while sending the result back). ``BrokenProcessPool`` propagates."""
-    try:
-        return fut.result()  # type: ignore[no-any-return]
-    except BrokenProcessPool:
-        raise
-    except Exception as exc:
-        return CaseResult(pair.case_id, error=failure_cause(exc))
-
-
-def _evaluate_alone(a: tuple[EvalPair, dict[str, list[int]], float, bool, bool]) -> CaseResult:
-    """One case in a worker process of its own: its death fails this case only."""
-    with ProcessPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(_evaluate_star, a)
-        try:
-            return _result_of(fut, a[0])
-        except BrokenProcessPool:
-            return CaseResult(
-                a[0].case_id,
-                error="the worker process evaluating this case died (killed, or out of "
-                "memory); rerun with fewer --workers or more memory",
-            )
-
-
-def _evaluate_star(a: tuple[EvalPair, dict[str, list[int]], float, bool, bool]) -> CaseResult:
-    return evaluate_pair(*a)
+    """``job(pair)`` of every pair as a task, results in the pairs' order. A case whose
+    worker process dies (killed, out of memory) runs once more elsewhere; if it dies again,
+    or fails outside ``job``'s own handling, it becomes a failed :class:`CaseResult`."""
+    out = run_tasks(job, pairs, key=_pair_id, where=where, stage="evaluate", on_event=on_event)
+    results = []
+    for p in pairs:
+        if p.case_id in out.results:
+            results.append(out.results[p.case_id])
+        else:
+            results.append(CaseResult(p.case_id, error=out.failures[p.case_id]))
+    return results
 
 
 def _write_together(out_dir: Path, texts: dict[str, str]) -> None:

@@ -97,6 +97,36 @@ class Threshold(nn.Module):
         return torch.cat([self.t - c, c - self.t], dim=1)
 
 
+class Bands(nn.Module):
+    """Fake valid network of three classes: 0 below ``low``, 1 between, 2 above ``high`` (first
+    channel, centre-cropped), by logits ``[low - x, min(x - low, high - x), x - high]`` times
+    ``scale``: its labels, and its softmax probabilities, are known at every voxel."""
+
+    def __init__(self, dims: int, low: float, high: float, scale: float = 1.0) -> None:
+        super().__init__()
+        self.low, self.high, self.scale = low, high, scale
+        self.margin = shapes.margin(2, 2)
+        self.network = {
+            "spatial_dims": dims,
+            "in_channels": 1,
+            "out_channels": 3,
+            "depth": 2,
+            "convs_per_level": 2,
+            "base_channels": 1,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.margin
+        c = x[(slice(None), slice(0, 1), *[slice(m, s - m) for s in x.shape[2:]])]
+        mid = torch.minimum(c - self.low, self.high - c)
+        return self.scale * torch.cat([self.low - c, mid, c - self.high], dim=1)
+
+
+def bands_logits(x: np.ndarray, low: float, high: float, scale: float = 1.0) -> np.ndarray:
+    """The logits :class:`Bands` gives intensities ``x``, classes on a new first axis (numpy)."""
+    return scale * np.stack([low - x, np.minimum(x - low, high - x), x - high])
+
+
 def make_plan(
     *,
     dims: int = 3,

@@ -333,7 +333,7 @@ def test_2d_stack_keeps_one_heap_across_its_slices(
     """With the command line's tile scope, a 2D model over a stack runs every slice in one
     kept heap: the heap is given back once after its last slice, not after every slice."""
     from medseg import heap
-    from medseg.cli.infer import _kept_heap_for
+    from medseg.inference.cohort import kept_heap_for
 
     loaded = threshold_loaded(make_plan(dims=2), 100.0)
     shape = image_volume.array.shape
@@ -341,7 +341,7 @@ def test_2d_stack_keeps_one_heap_across_its_slices(
     assert layout.keep_heap and shape[3] > 2
     calls = _count_give_backs(monkeypatch)
     pred = predict_case(
-        [image_volume], loaded, tile_size=8, keep_heap=True, tile_scope=_kept_heap_for
+        [image_volume], loaded, tile_size=8, keep_heap=True, tile_scope=kept_heap_for
     )
     assert np.array_equal(pred.labels.array[0], (image_volume.array[0] > 100).astype(np.uint8))
     assert calls == ["return"] and heap.mode() == "return"

@@ -1,19 +1,40 @@
-"""Cohorts and the infer command: case discovery, shards, files written, bad inputs."""
+"""Cohorts and the infer command: case discovery, shards, files written, bad inputs; the same
+bytes in this process, in worker processes and on Dask; finished cases skipped; the model
+loaded once per worker process."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from medseg.cohort import Where
 from medseg.errors import MedsegError
-from medseg.inference.cohort import discover_cases, probabilities_path, select_shard
+from medseg.inference.cohort import (
+    CaseInput,
+    InferSettings,
+    discover_cases,
+    probabilities_path,
+    run_cohort,
+    select_shard,
+)
 from medseg.io import read_volume, write_volume
 from medseg.runtime import native_bf16
-from medseg.volume import Volume
+from medseg.volume import Grid, Volume
 from tests.inference.helpers import Evil, make_plan, model_folder, run_cli
+from tests.preprocess.test_cohort import _port, _start
+from tests.test_cohort import dask_cluster as dask_cluster  # the shared fixture
+
+VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cli_infer_writes_labels_on_input_grid(
@@ -93,8 +114,14 @@ def test_cli_bad_inputs_one_line_exit_2_nothing_written(
         "channel": ["--model", str(folder), "--volume", scan],
         "--precision 'fp8'": [*good, "--precision", "fp8"],
         "does not exist": [*good, "--output", str(tmp_path / "missing" / "p.nii.gz")],
+        "run cohorts": [*good, "--workers", "2"],
     }
-    for what, args in cases.items():
+    cohort = ["--input-dir", str(tmp_path / "noplan"), "--output", str(outdir)]
+    cohorts = {  # checked in this process before any worker starts: no log, no file
+        "refused": ["--model", str(evil), *cohort, "--workers", "2"],
+        "fp8": [*good[:2], *cohort, "--precision", "fp8", "--workers", "2"],
+    }
+    for what, args in [*cases.items(), *cohorts.items()]:
         if "--output" not in args:
             args = [*args, "--output", str(outdir / "pred.nii.gz")]
         code, out, err = run_cli(["infer", "--device", "cpu", *args], capsys)
@@ -133,7 +160,8 @@ def test_cli_cohort_finishes_good_cases_lists_bad_and_skips_done(
     code, _, err = run_cli(args, capsys)
     assert code == 1
     assert "failed: c:" in err
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "infer.log"]
+    assert "c: FAILED" in (out / "infer.log").read_text()
     pred = read_volume(out / "a.nii.gz")
     assert pred.grid.allclose(image_volume.grid, 1e-4)
     (inp / "c_0000.nii.gz").unlink()
@@ -159,3 +187,164 @@ def test_discover_cases_and_shards(tmp_path: Path) -> None:
     assert sorted(sum(shards, [])) == items and shards[1] == [1, 4, 7]
     with pytest.raises(MedsegError):
         select_shard(items, "3/3")
+
+
+# -- cohorts as tasks: where they run, what a rerun skips -----------------------------------------
+def _cohort(folder: Path, n: int, seed: int = 0) -> list[CaseInput]:
+    """``n`` one-channel cases of different sizes (as scans differ) on an oblique grid."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    cases = []
+    for i in range(n):
+        shape = (20 + 3 * i, 18 + 2 * i, 9 + i)
+        grid = Grid.from_spacing(shape, (0.8, 0.7, 2.5), (12.0, -40.0, 7.5 + i))
+        arr = rng.normal(0.0, 1.0, size=(1, *shape)).astype(np.float32)
+        write_volume(Volume(arr, grid), folder / f"case{i}.nii.gz")
+        cases.append(CaseInput(f"case{i}", [folder / f"case{i}.nii.gz"]))
+    return cases
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every output file, not the progress log (it holds times)."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.endswith(".log")
+    }
+
+
+def test_cohort_bytes_match_sequential_on_workers_and_dask_model_loaded_once_per_worker(
+    tmp_path: Path, dask_cluster: str
+) -> None:
+    plan = make_plan(depth=1, base=2, orientation=("R", "A", "S"), target_spacing=(1.0, 1.0, 2.0))
+    folder, _ = model_folder(tmp_path, plan)
+    cases = _cohort(tmp_path / "in", 5)
+    settings = InferSettings(folder, device="cpu", save_probabilities=True)
+    places = {"seq": Where(), "w1": Where(workers=1), "w2": Where(workers=2),
+              "dask": Where(scheduler=dask_cluster)}  # fmt: skip
+    digests = {}
+    for name, where in places.items():
+        (tmp_path / name).mkdir()
+        outcome = run_cohort(cases, settings, tmp_path / name, where=where)
+        assert list(outcome.done) == [c.case_id for c in cases] and not outcome.skipped
+        digests[name] = _digests(tmp_path / name)
+        workers = {d.worker for d in outcome.done.values()}
+        assert (os.getpid() in workers) == (name == "seq")
+        # the model: loaded by the first case of each worker process, not once per case
+        assert sum(d.loaded_model for d in outcome.done.values()) <= len(workers)
+        if name != "dask":  # Dask workers live on: they may hold it from an earlier test
+            assert sum(d.loaded_model for d in outcome.done.values()) == len(workers)
+    assert len(digests["seq"]) == 2 * len(cases)  # labels and probabilities
+    for name in ("w1", "w2", "dask"):
+        assert digests[name] == digests["seq"], name
+    labels = read_volume(tmp_path / "seq" / "case3.nii.gz")
+    assert labels.grid.allclose(read_volume(cases[3].images[0]).grid, 1e-4)
+
+
+def _age(path: Path, than: Path) -> None:
+    """Set ``path``'s modification time one second before ``than``'s."""
+    t = than.stat().st_mtime_ns - 10**9
+    os.utime(path, ns=(t, t))
+
+
+def test_finished_cases_are_skipped_until_the_model_or_an_input_is_newer(tmp_path: Path) -> None:
+    plan = make_plan(depth=1, base=2)
+    folder, _ = model_folder(tmp_path, plan)
+    cases = _cohort(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = InferSettings(folder, device="cpu")
+    assert sorted(run_cohort(cases, settings, out).done) == ["case0", "case1", "case2"]
+    again = run_cohort(cases, settings, out)
+    assert not again.done and again.skipped == ["case0", "case1", "case2"]
+    # an output older than its input (the input rewritten since): that case runs again
+    _age(out / "case1.nii.gz", cases[1].images[0])
+    assert list(run_cohort(cases, settings, out).done) == ["case1"]
+    # outputs older than the model's weights (retrained since): every case runs again
+    for p in out.glob("*.nii.gz"):
+        _age(p, folder / "model.pt")
+    assert list(run_cohort(cases, settings, out).done) == ["case0", "case1", "case2"]
+    # probabilities asked for but missing: not finished
+    with_probs = InferSettings(folder, device="cpu", save_probabilities=True)
+    assert list(run_cohort(cases[:1], with_probs, out).done) == ["case0"]
+    assert probabilities_path(out / "case0.nii.gz").exists()
+    assert run_cohort(cases[:1], with_probs, out).skipped == ["case0"]
+
+
+@pytest.mark.slow
+def test_infer_on_dask_scheduler_and_workers_from_the_install_survives_a_killed_worker(
+    tmp_path: Path,
+) -> None:
+    """As the issue checks preprocess: `dask scheduler`, two `dask worker --nthreads 1`; one
+    worker killed mid-run; a rerun completes the cohort with the sequential run's bytes."""
+    if not (VENV_BIN / "dask").exists():
+        pytest.skip(f"no dask command in {VENV_BIN}")
+    folder, _ = model_folder(tmp_path, make_plan(depth=1, base=4))
+    _cohort(tmp_path / "in", 8)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    port = _port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(VENV_BIN / "dask")
+    procs = [_start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                     "--dashboard-address", ":0"], env, tmp_path / "scheduler.log")]  # fmt: skip
+    try:
+        for i in range(2):
+            worker = [dask, "worker", address, "--nthreads", "1", "--dashboard-address", ":0"]
+            procs.append(_start(worker, env, tmp_path / f"w{i}.log"))
+        cli = [sys.executable, "-m", "medseg.cli", "infer", "--input-dir", str(tmp_path / "in"),
+               "--model", str(folder), "--device", "cpu"]  # fmt: skip
+        (tmp_path / "seq").mkdir()
+        seq = subprocess.run([*cli, "--output", str(tmp_path / "seq")], env=env, check=False)
+        assert seq.returncode == 0
+        out = tmp_path / "dask"
+        out.mkdir()
+        run = subprocess.Popen([*cli, "--output", str(out), "--scheduler", address], env=env)
+        # kill one worker (nanny and worker process) once the first case is written
+        while not list(out.glob("*.nii.gz")) and run.poll() is None:
+            time.sleep(0.1)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        run.wait()
+        rerun = subprocess.run([*cli, "--output", str(out), "--scheduler", address], env=env)
+        assert rerun.returncode == 0
+        assert _digests(out) == _digests(tmp_path / "seq") and len(_digests(out)) == 8
+        assert "8 case(s)" in (out / "infer.log").read_text()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait()
+
+
+def test_any_exception_in_one_case_fails_only_that_case(
+    image_volume: Volume,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Out of memory (or any bug) in one case: the others are written, the case is listed with
+    its cause, the counts are reported, exit 1, no traceback."""
+    import medseg.inference.cohort as cohort
+
+    folder, _ = model_folder(tmp_path, make_plan(depth=1, base=2))
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    out.mkdir()
+    for case in ("a", "b", "c"):
+        write_volume(image_volume, inp / f"{case}.nii.gz")
+    real = cohort.predict_case
+
+    def predict(images, loaded, **kw):  # type: ignore[no-untyped-def]
+        if images[0].meta["source"].endswith("b.nii.gz"):
+            raise MemoryError("cannot allocate 64 GiB")
+        return real(images, loaded, **kw)
+
+    monkeypatch.setattr(cohort, "predict_case", predict)
+    args = ["infer", "--input-dir", str(inp), "--model", str(folder), "--output", str(out)]
+    code, _, err = run_cli([*args, "--device", "cpu"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "failed: b: MemoryError: cannot allocate 64 GiB" in err
+    assert "1 of 3 cases failed; 2 written to" in err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz", "c.nii.gz"]

@@ -14,6 +14,7 @@ from medseg import runtime
 from medseg.errors import ModelError
 from medseg.inference.tiled import (
     TileLayout,
+    check_tiling,
     inference_model,
     predict_logits,
     run_tiles,
@@ -186,3 +187,37 @@ def test_tile_layout_names_the_forward_and_run_tiles_runs_it(rng: np.random.Gene
         run_tiles(fast, image, layout, lambda _t, _o: None, prepare=False)
         assert calls(len(pools)), (lean, len(pools))
     hook.remove()
+
+
+# -- settings refused before any case is read ---------------------------------------------------
+def _smallest_output_on_the_lattice(net: torch.nn.Module, depth: int) -> int:
+    """Independent of medseg.model.shapes: run the network on every input size up to 60 and
+    keep the smallest output size it produces that spans one tile lattice step (2^depth)."""
+    outputs = set()
+    with torch.no_grad():
+        for n in range(1, 60):
+            try:
+                outputs.add(int(net(torch.zeros(1, 1, n, n)).shape[-1]))
+            except Exception:  # noqa: BLE001, S112 - sizes the network cannot take
+                continue
+    return min(o for o in outputs if o >= 2**depth)
+
+
+def test_tile_size_below_the_networks_smallest_tile_is_refused_naming_the_minimum() -> None:
+    net = random_unet(2, 1, 2, depth=2, base=2)
+    floor = _smallest_output_on_the_lattice(net, 2)
+    with pytest.raises(ModelError, match=rf"--tile-size {floor - 1}: .*give at least {floor}$"):
+        check_tiling(net, 2, floor - 1, None)
+    with pytest.raises(ModelError, match="needs 1 or 2 sizes"):
+        check_tiling(net, 2, (floor, floor, floor), None)
+    check_tiling(net, 2, floor, None)  # the smallest tile itself is fine
+    check_tiling(net, 2, (floor, 5 * floor), None)
+
+
+def test_memory_budget_below_one_smallest_tile_is_refused_naming_the_minimum() -> None:
+    net = random_unet(2, 1, 2, depth=2, base=2)
+    with pytest.raises(ModelError, match=r"--max-memory 10240 bytes: .*give at least (\d+)M") as e:
+        check_tiling(net, 2, None, 10 * 1024)
+    minimum = int(str(e.value).rsplit(" ", 1)[-1].rstrip("M"))
+    check_tiling(net, 2, None, minimum * 2**20)  # what the message asks for is accepted
+    check_tiling(net, 2, None, None)  # no budget given: the default is not checked here

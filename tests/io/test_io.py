@@ -391,3 +391,24 @@ def test_dicom_and_itk_readers_place_a_series_where_simpleitk_does(tmp_path: Pat
         np.testing.assert_allclose(
             same.grid.corners(), expect.reoriented(image.orientation).grid.corners(), atol=1e-3
         )
+
+
+def test_itk_write_on_a_full_disk_is_named_a_full_disk_and_leaves_nothing(
+    tmp_path: Path, image_volume: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ITK reports a short write as a RuntimeError without an errno ("expected to write N
+    bytes, but only wrote M"); with no space left that is a full disk."""
+    import os
+
+    def short(image: object, path: str, compress: bool) -> None:
+        Path(path).write_bytes(b"NRRD0004\n")  # part of a file, then ITK gives up
+        raise RuntimeError("expected to write 1638400 bytes, but only wrote 491520")
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    monkeypatch.setattr(sitk, "WriteImage", short)
+    monkeypatch.setattr(os, "statvfs", lambda _path: Full())
+    with pytest.raises(WriteError, match=r"x\.nrrd: disk full while writing to") as info:
+        write_volume(image_volume, tmp_path / "x.nrrd")
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []

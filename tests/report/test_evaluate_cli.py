@@ -65,7 +65,7 @@ def test_evaluate_folders_reports_failures_and_evaluates_the_rest(cohort, capsys
                 "--labels",
                 "1,2",
                 "--workers",
-                "1",
+                "2",
             ]
         )
     assert exc.value.code == 1
@@ -233,7 +233,7 @@ def test_isbi_manifest_scores_label_zero_membrane(tmp_path, data_root):
     out = tmp_path / "rep"
     code = _run(
         ["evaluate", "--manifest", str(ISBI), "--split", "val", "--pred", str(preds)]
-        + ["--out", str(out), "--workers", "1", "--worst", "1"]
+        + ["--out", str(out), "--worst", "1"]
     )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -255,7 +255,7 @@ def test_isbi_manifest_scores_label_zero_membrane(tmp_path, data_root):
 def test_label_absent_everywhere_is_reported_absent_not_dice_one(cohort, capsys):
     out = cohort / "rep"
     args = ["evaluate", "--pred", str(cohort / "pred"), "--ref", str(cohort / "ref")]
-    assert _run([*args, "--out", str(out), "--labels", "1,9", "--workers", "1"]) == 1
+    assert _run([*args, "--out", str(out), "--labels", "1,9"]) == 1
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "'9'" in warnings[0] and "absent" in warnings[0]
@@ -285,7 +285,7 @@ def test_class_absent_from_one_case_is_left_out_of_its_statistics(tmp_path):
     _save(tmp_path / "p" / "b.nii.gz", without_two)
     out = tmp_path / "rep"
     args = ["evaluate", "--pred", str(tmp_path / "p"), "--ref", str(tmp_path / "r")]
-    assert _run([*args, "--out", str(out), "--workers", "1"]) == 0
+    assert _run([*args, "--out", str(out)]) == 0
     st = json.loads((out / "summary.json").read_text())["metrics"]["2"]["dice"]
     expected = M.dice(shifted == 2, with_two == 2)
     assert st["n"] == 1 and st["n_absent"] == 1 and st["mean"] == pytest.approx(expected)
@@ -294,15 +294,15 @@ def test_class_absent_from_one_case_is_left_out_of_its_statistics(tmp_path):
 
 
 # -- faults: per-case exceptions, worker death, full disk, unwritable or busy output -------------
-def _evaluate_args(cohort: Path, out: Path, workers: int = 1) -> list[str]:
-    return ["evaluate", "--pred", str(cohort / "pred"), "--ref", str(cohort / "ref")] + [
-        "--out",
-        str(out),
-        "--labels",
-        "1,2",
-        "--workers",
-        str(workers),
-    ]
+def _evaluate_args(cohort: Path, out: Path, *more: str) -> list[str]:
+    """Cases in this process unless ``more`` says otherwise (monkeypatches reach them)."""
+    pred, ref = ["--pred", str(cohort / "pred")], ["--ref", str(cohort / "ref")]
+    return ["evaluate", *pred, *ref, "--out", str(out), "--labels", "1,2", *more]
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    """The report files, not the progress log (it holds times)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "evaluate.log"}
 
 
 def test_unexpected_exception_in_one_case_fails_that_case_only(cohort, monkeypatch, capsys):
@@ -326,26 +326,30 @@ def test_unexpected_exception_in_one_case_fails_that_case_only(cohort, monkeypat
     assert "\ngood0," in (out / "metrics.csv").read_text()
 
 
-def test_a_killed_worker_loses_only_its_case(cohort, monkeypatch, capsys):
-    import os
-    import signal
+def test_a_killed_worker_loses_only_its_case(cohort):
+    from medseg.cohort import Where
+    from medseg.report.evaluate import evaluate_cohort, pairs_from_paths
 
-    from medseg.report import evaluate as ev
-
-    real = ev._read_label
-
-    def read(path):
-        if path.name.startswith("good1") and os.getpid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(path)
-
-    parent = os.getpid()
-    monkeypatch.setattr(ev, "_read_label", read)  # workers are forked: they inherit it
+    pairs = [p for p in pairs_from_paths(cohort / "pred", cohort / "ref") if "good" in p.case_id]
     out = cohort / "rep"
-    assert _run(_evaluate_args(cohort, out, workers=2)) == 1
+    res = evaluate_cohort(pairs, out, {"1": [1], "2": [2]}, where=Where(workers=2),
+                          evaluate=kill_on_good1)  # fmt: skip
+    assert "died" in res.failures["good1"]  # killed twice: its first run and its one retry
     summary = json.loads((out / "summary.json").read_text())
     assert "died" in summary["failures"]["good1"]
     assert summary["n_evaluated"] == 1 and "\ngood0," in (out / "metrics.csv").read_text()
+
+
+def kill_on_good1(pair, **kw):
+    """``evaluate_pair``, but its worker process dies (SIGKILL) on case good1."""
+    import os
+    import signal
+
+    from medseg.report.evaluate import evaluate_pair
+
+    if pair.case_id == "good1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return evaluate_pair(pair, **kw)
 
 
 def test_disk_full_while_writing_leaves_the_previous_outputs(cohort, monkeypatch, capsys):
@@ -353,7 +357,7 @@ def test_disk_full_while_writing_leaves_the_previous_outputs(cohort, monkeypatch
 
     out = cohort / "rep"
     _run(_evaluate_args(cohort, out))
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = _outputs(out)
     real = Path.write_bytes
 
     def full(self, data):
@@ -368,10 +372,10 @@ def test_disk_full_while_writing_leaves_the_previous_outputs(cohort, monkeypatch
     assert _run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk full" in err[0]
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _outputs(out) == before
     fresh = cohort / "fresh"
     assert _run(_evaluate_args(cohort, fresh)) == 2
-    assert not fresh.exists() or not any(fresh.iterdir())  # no lone metrics.csv
+    assert not fresh.exists() or not _outputs(fresh)  # no lone metrics.csv
 
 
 def test_unwritable_output_is_refused_before_any_case_is_read(cohort, monkeypatch, capsys):

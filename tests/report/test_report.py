@@ -16,6 +16,7 @@ import pytest
 
 from medseg import metrics as M
 from medseg.report.evaluate import (
+    OUTPUT_NAMES,
     CaseResult,
     case_id_of,
     evaluate_cohort,
@@ -24,6 +25,7 @@ from medseg.report.evaluate import (
     parse_classes,
     summarise,
 )
+from tests.test_cohort import dask_cluster as dask_cluster  # the shared fixture
 
 
 def _save(path: Path, arr: np.ndarray, spacing=(1.0, 1.0, 2.0), dtype=np.int16) -> Path:
@@ -112,16 +114,30 @@ def test_cohort_writes_csv_summary_and_html_with_every_case(tmp_path):
     assert order == sorted(order)
 
 
-def test_parallel_workers_give_the_same_metrics(tmp_path):
+def test_report_bytes_are_the_same_wherever_the_cases_ran(tmp_path, dask_cluster):
+    """Sequential, one and two local worker processes and a Dask cluster: byte-identical
+    metrics.csv, summary.json and report.html (results assembled in the pairs' order)."""
+    from medseg.cohort import Where
+
     (tmp_path / "p").mkdir()
     (tmp_path / "r").mkdir()
-    for i in range(2):
+    for i in range(5):
         _save(tmp_path / "r" / f"c{i}.nii.gz", _labels(0))
-        _save(tmp_path / "p" / f"c{i}.nii.gz", _labels(i + 1))
+        _save(tmp_path / "p" / f"c{i}.nii.gz", _labels(i % 3))
     pairs = pairs_from_paths(tmp_path / "p", tmp_path / "r")
-    one = evaluate_cohort(pairs, tmp_path / "a", {"1": [1]}, workers=1, worst_n=0)
-    two = evaluate_cohort(pairs, tmp_path / "b", {"1": [1]}, workers=2, worst_n=0)
-    assert [r.metrics for r in one.results] == [r.metrics for r in two.results]
+    places = {"seq": Where(), "w1": Where(workers=1), "w2": Where(workers=2),
+              "dask": Where(scheduler=dask_cluster)}  # fmt: skip
+    outputs = {}
+    for name, where in places.items():
+        res = evaluate_cohort(pairs, tmp_path / name, {"1": [1], "2": [2]}, where=where)
+        assert not res.failures
+        outputs[name] = {n: (tmp_path / name / n).read_bytes() for n in OUTPUT_NAMES}
+    for name in ("w1", "w2", "dask"):
+        assert outputs[name] == outputs["seq"], name
+    # independent reference: case c1's class 1 is shifted by one voxel of 1 mm along I
+    rows = list(csv.DictReader(io.StringIO(outputs["dask"]["metrics.csv"].decode())))
+    dice = [r for r in rows if (r["case_id"], r["class"], r["metric"]) == ("c1", "1", "dice")]
+    assert float(dice[0]["value"]) == pytest.approx(M.dice(_labels(1) == 1, _labels(0) == 1))
 
 
 CHROMIUM = next(
