@@ -177,7 +177,8 @@ def _check_writable(target: Path, named: Path, overwrite: bool) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise WriteError(f"{named}: {folder} is not a folder; choose another output path")
+        where = "is a file" if folder == named else f"{folder} is a file"
+        raise WriteError(f"{named}: {where}, not a folder; choose another output path")
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", dir=folder)
     except OSError as exc:

@@ -248,6 +248,7 @@ def test_help_of_every_command_keeps_brackets_and_shows_no_bool_metavar(
         code, out, _ = run([*argv, "--help"], capsys)
         assert code == 0, argv
         assert "<bool>" not in out and "\\[" not in out and "[/" not in out, argv
+        assert "<list[" not in out, argv  # a repeatable option shows what one value is
         texts[" ".join(argv)] = " ".join(out.split())
     assert "pipeline's [plan] table" in texts["preprocess"]
     assert "TOML with [plan] overrides and [preprocess] options" in texts["preprocess"]

@@ -500,3 +500,25 @@ def test_nan_voxels_are_named_by_every_command_that_reads_scans(
         assert tree(world.root) == before
     code, _, err = run(COMMANDS["preprocess"][1](world, world.inp / "m.json", out), capsys)
     assert code == 1 and "failed: c1: " in err and "NaN" in err  # the case fails, is named
+
+
+@pytest.mark.parametrize("command", ["evaluate", "preprocess", "train", "infer cohort"])
+def test_a_file_where_the_output_folder_should_be_is_refused_in_one_line(
+    world: World, command: str, reads: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = world.root / "out"
+    out.mkdir()
+    (out / "taken").write_text("a file, not a folder\n")
+    if command == "infer cohort":
+        argv = ["infer", "--input-dir", str(world.inp / "good_images"), "--model",
+                str(world.model), "--output", str(out / "taken"), "--device", "cpu"]  # fmt: skip
+    else:
+        role, make = COMMANDS[command]
+        argv = make(world, _good(world, role), out)
+        argv[argv.index("--out") + 1] = str(out / "taken")
+    before = tree(world.root)
+    code, _, err = run(argv, capsys)
+    assert code == 2, err
+    line = one_line(err)
+    assert "taken: is a file" in line, line
+    assert reads == [] and tree(world.root) == before

@@ -25,7 +25,7 @@ from medseg.volume import Grid, Volume
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md"))
 COMMAND_PAGES = ("inspect-convert", "dicom", "manifest", "preprocess", "train", "infer")
-COMMAND_PAGES += ("evaluate", "demo")
+COMMAND_PAGES += ("evaluate", "demo", "export")
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
 

@@ -12,6 +12,7 @@ from medseg.cli import (  # noqa: F401  (each module registers its command)
     convert,
     demo,
     evaluate,
+    export,
     infer,
     inspect,
     manifest,

@@ -76,7 +76,7 @@ def convert(
     if fmt is not None or output.name.lower().endswith(".dcm"):
         _convert_to_dicom(input, output, reference, series, fmt or "dicom-seg", overwrite)
         return
-    if not output.name.lower().endswith(_WRITE_SUFFIXES):
+    if not output.is_dir() and not output.name.lower().endswith(_WRITE_SUFFIXES):
         raise WriteError(
             f"{output}: cannot write this suffix; use .nii.gz, .nii, .nrrd, .mha, .png or .tif"
         )

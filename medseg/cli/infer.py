@@ -108,7 +108,11 @@ _ONNX = typer.Option(
 )
 def infer(
     volume: list[Path] | None = typer.Option(
-        None, "--volume", "-v", help="Scan of one channel (repeat per channel, plan order)."
+        None,
+        "--volume",
+        "-v",
+        metavar="<path>",
+        help="Scan of one channel (repeat per channel, plan order).",
     ),
     model: Path = typer.Option(..., "--model", "-m", help="Model folder (training run)."),
     output: Path = typer.Option(
@@ -329,6 +333,8 @@ def _check_infer_paths(volume: list[Path] | None, output: Path, overwrite: bool)
         for v in volume:
             if not v.exists():
                 raise ReadError(f"{v}: no such file or folder")
+    elif output.exists() and not output.is_dir():
+        raise WriteError(f"{output}: is a file; cohorts write into a folder, give one")
     elif not output.is_dir():
         raise WriteError(f"{output}: output folder does not exist; create it first")
     else:

@@ -101,3 +101,27 @@ def with_engine(
     plan_file = (loaded.folder / "plan.json") if loaded.folder else "the plan"
     check_onnx_network(path, loaded.plan.network, plan_file)
     return replace(loaded, model=OnnxRuntimeNetwork(path, loaded.plan.network, threads))
+
+
+def engine_agreement(
+    model: nn.Module, path: str | os.PathLike[str], *, seed: int = 0
+) -> tuple[float, tuple[int, ...]]:
+    """Largest difference between the logits of ``model`` (torch, eval mode) and of its
+    exported graph ``path`` (onnxruntime) on one random tile, as a fraction of the torch
+    logits' range; and that tile's input size (a valid size unlike the traced example)."""
+    network: dict[str, Any] = model.network  # type: ignore[assignment]
+    depth, convs = int(network["depth"]), int(network.get("convs_per_level", 2))
+    dims = int(network["spatial_dims"])
+    step = 1 << depth
+    sizes = tuple(
+        shapes.input_size(shapes.min_output_size(depth, convs) + (2 + i) * step, depth, convs)
+        for i in range(dims)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, int(network["in_channels"]), *sizes, generator=gen)
+    cpu = model.to("cpu")
+    with torch.inference_mode():
+        ref = cpu(x).numpy()
+        got = OnnxRuntimeNetwork(path, network)(x).numpy()
+    span = float(ref.max() - ref.min()) or 1.0
+    return float(np.max(np.abs(got - ref))) / span, sizes

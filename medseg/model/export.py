@@ -12,8 +12,12 @@ file belongs to the plan it is run with.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,22 @@ def _example(model: UNet) -> torch.Tensor:
     return torch.zeros(2, model.in_channels, *sizes)
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's notes that concern other models (torchvision operators it skips, its
+    own deprecations) kept off the user's terminal; errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(model: UNet, path: str | os.PathLike[str], *, opset: int = OPSET) -> Path:
     """Write ``model`` (eval mode) as ONNX to ``path`` (atomically); the path is returned.
 
@@ -55,16 +75,17 @@ def export_onnx(model: UNet, path: str | os.PathLike[str], *, opset: int = OPSET
     auto = torch.export.Dim.AUTO
     dynamic = {"x": {a: auto for a in (0, *range(2, 2 + model.spatial_dims))}}
     try:
-        program = torch.onnx.export(
-            net,
-            (_example(model),),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=dynamic,
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                net,
+                (_example(model),),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
     except Exception as exc:  # the exporter raises many types; none is the user's fault
         raise ModelError(f"ONNX export of the network failed: {exc}") from exc
     assert program is not None

@@ -12,8 +12,16 @@ from medseg.errors import ModelError
 from medseg.inference.engine import OnnxRuntimeNetwork, with_engine
 from medseg.inference.model_folder import load_model
 from medseg.inference.tiled import predict_logits
+from medseg.io import read_volume, write_volume
 from medseg.model.export import export_onnx
-from tests.inference.helpers import make_plan, model_folder, random_unet, whole_volume_logits
+from medseg.volume import Grid, Volume
+from tests.inference.helpers import (
+    make_plan,
+    model_folder,
+    random_unet,
+    run_cli,
+    whole_volume_logits,
+)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -54,3 +62,33 @@ def test_a_graph_of_another_network_or_no_graph_is_refused(tmp_path: Path) -> No
         with_engine(loaded, "onnxruntime")
     with pytest.raises(ModelError, match="expected one of torch, onnxruntime"):
         with_engine(loaded, "tensorrt")
+
+
+def test_cli_export_then_infer_with_onnxruntime_gives_the_torch_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = make_plan(dims=3, label_values=(0, 1, 2))
+    folder, _ = model_folder(tmp_path, plan)
+    code, out, err = run_cli(["export", "--model", str(folder)], capsys)
+    assert code == 0, err
+    assert out.startswith(f"wrote {folder / 'model.onnx'}: onnxruntime logits within")
+    assert float(out.split("within ")[1].split()[0]) <= 1e-4
+    assert run_cli(["export", "--model", str(folder)], capsys)[0] == 2  # exists: refused
+    other = tmp_path / "other.onnx"
+    assert run_cli(["export", "--model", str(folder), "--onnx", str(other)], capsys)[0] == 0
+    rng = np.random.default_rng(1)
+    scan = tmp_path / "scan.nii.gz"
+    write_volume(Volume(rng.normal(size=(1, 30, 26, 22)).astype(np.float32), Grid.from_spacing(
+        (30, 26, 22), (0.8, 0.9, 2.0))), scan)  # fmt: skip
+    base = ["infer", "--volume", str(scan), "--model", str(folder), "--tile-size", "12"]
+    assert run_cli([*base, "--output", str(tmp_path / "t.nii.gz")], capsys)[0] == 0
+    code, _, err = run_cli(
+        [*base, "--output", str(tmp_path / "o.nii.gz"), "--engine", "onnxruntime"], capsys
+    )
+    assert code == 0, err
+    extra = ["--engine", "onnxruntime", "--onnx", str(other)]
+    assert run_cli([*base, "--output", str(tmp_path / "p.nii.gz"), *extra], capsys)[0] == 0
+    torch_labels = read_volume(tmp_path / "t.nii.gz").array
+    for name in ("o.nii.gz", "p.nii.gz"):
+        ort_labels = read_volume(tmp_path / name).array
+        assert np.mean(torch_labels == ort_labels) >= 0.999  # only near-ties may differ

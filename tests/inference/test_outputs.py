@@ -330,3 +330,36 @@ def test_cli_cohort_of_dicom_series_writes_segs_stats_csv_and_lists_the_bad_case
     ]  # fmt: skip
     # a and b are the same pixels in two transfer syntaxes: the same structures
     assert rows[0]["voxels"] == rows[2]["voxels"] and rows[1]["mean_ch0"] == rows[3]["mean_ch0"]
+
+
+@pytest.mark.parametrize(
+    ("output", "extra", "modality", "kind"),
+    [
+        ("result.dcm", ["--fractional"], "SEG", "FRACTIONAL"),
+        ("rt.dcm", ["--format", "rtstruct"], "RTSTRUCT", None),
+        ("pred.nii.gz", ["--stats"], None, None),
+    ],
+)
+def test_cli_each_output_format_of_one_dicom_case(
+    data_root: Path,
+    tmp_path: Path,
+    run_folder: Path,
+    capsys: pytest.CaptureFixture[str],
+    output: str,
+    extra: list[str],
+    modality: str | None,
+    kind: str | None,
+) -> None:
+    folder = data_root / "dicom" / "nonisotropic_mr" / "dicom"  # 64 x 28 x 4: quick
+    args = ["infer", "--volume", str(folder), "--model", str(run_folder)]
+    code, out, err = run_cli([*args, "--output", str(tmp_path / output), *extra], capsys)
+    assert code == 0, err
+    if modality is None:
+        stats = json.loads((tmp_path / "pred_stats.json").read_text())
+        labels = np.asarray(nib.load(tmp_path / output).dataobj)
+        assert [e["voxels"] for e in stats["labels"]] == [int((labels == v).sum()) for v in (1, 2)]
+        return
+    ds = pydicom.dcmread(tmp_path / output)
+    assert ds.Modality == modality and ds.get("SegmentationType") == kind
+    if modality == "RTSTRUCT":
+        assert [r.ROIName for r in ds.StructureSetROISequence] == ["rim", "core"]
