@@ -287,7 +287,8 @@ def _engine(engine: str, onnx: Path | None, device: str) -> dict[str, Any]:
         raise ModelError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if engine == "onnxruntime" and device not in ("cpu", "auto"):
         raise ModelError(f"--engine onnxruntime runs on the CPU; drop --device {device}")
-    return {"engine": engine, "onnx": onnx}
+    # resolved: cohort workers (a Dask cluster) may run in another folder
+    return {"engine": engine, "onnx": None if onnx is None else onnx.resolve()}
 
 
 def _warn(message: str) -> None:

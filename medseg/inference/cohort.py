@@ -35,6 +35,7 @@ from medseg.inference.outputs import probabilities_path as probabilities_path  #
 from medseg.inference.outputs import write_prediction as write_prediction  # re-exported
 from medseg.inference.tiled import TileLayout
 from medseg.io import split_suffix
+from medseg.report.stats import stats_path
 from medseg.volume import Volume
 
 _WRITABLE = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
@@ -259,13 +260,16 @@ def segment_case(settings: InferSettings, output_dir: Path, case: CaseInput) -> 
 def is_finished(settings: InferSettings, output_dir: Path, case: CaseInput) -> bool:
     """Whether ``case`` was segmented already: its label file (renamed into place last, so
     it exists only once the case is whole) is at least as new as every input file and every
-    model file, and its probabilities file exists when ``save_probabilities`` asks for it."""
+    model file, and its probabilities file exists when ``save_probabilities`` asks for it
+    (and its statistics when ``outputs.stats`` does: they are written after the labels)."""
     out = settings.output(output_dir, case)
     try:
         written = out.stat().st_mtime_ns
     except OSError:
         return False
     if settings.save_probabilities and not probabilities_path(out).exists():
+        return False
+    if settings.outputs.stats and not stats_path(out).exists():
         return False
     sources = [*case.images, *(Path(settings.model) / n for n in MODEL_FILES)]
     newest = max((s.st_mtime_ns for s in _stats(sources)), default=0)

@@ -34,7 +34,7 @@ from medseg.inference.outputs import (
 )
 from medseg.io.dicom_source import MedsegDicomWarning
 from tests.inference.helpers import Bands, bands_logits, make_plan, model_folder, run_cli
-from tests.io.dicom_fixtures import frame_geometry, pixel_world_ras
+from tests.io.dicom_fixtures import double_oblique_series, frame_geometry, pixel_world_ras
 
 #: single-frame, enhanced multi-frame (Philips, float reference), JPEG 2000
 SERIES = ["siemens_mr_sagittal", "philips_enhanced_multiframe_mr", "jpeg2000_mr"]
@@ -363,3 +363,33 @@ def test_cli_each_output_format_of_one_dicom_case(
     assert ds.Modality == modality and ds.get("SegmentationType") == kind
     if modality == "RTSTRUCT":
         assert [r.ROIName for r in ds.StructureSetROISequence] == ["rim", "core"]
+
+
+def test_cli_infer_of_a_series_without_frame_of_reference_says_so_in_one_warning(
+    tmp_path: Path, run_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = double_oblique_series(tmp_path / "series")
+    args = ["infer", "--volume", str(folder), "--model", str(run_folder)]
+    code, _, err = run_cli([*args, "--output", str(tmp_path / "r.dcm")], capsys)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "FrameOfReferenceUID" in line]
+    assert len(warned) == 1 and warned[0].startswith("medseg: warning:")
+    minted = pydicom.dcmread(tmp_path / "r.dcm").FrameOfReferenceUID
+    assert minted and minted.startswith("1.2.826.0.1.3680043.8.498.")  # pydicom's root
+
+
+def test_cli_cohort_rerun_with_stats_redoes_cases_without_them(
+    data_root: Path, tmp_path: Path, run_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "a").symlink_to(data_root / "dicom" / "nonisotropic_mr" / "dicom")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["infer", "--input-dir", str(cases), "--model", str(run_folder), "--output", str(out)]
+    assert run_cli([*args, "--format", "dicom-seg"], capsys)[0] == 0
+    code, stdout, _ = run_cli([*args, "--format", "dicom-seg", "--stats"], capsys)
+    assert code == 0 and "1 cases written" in stdout
+    assert (out / "a_seg_stats.json").is_file() and (out / "stats.csv").is_file()
+    code, stdout, _ = run_cli([*args, "--format", "dicom-seg", "--stats"], capsys)
+    assert code == 0 and "1 skipped" in stdout
