@@ -13,9 +13,14 @@ For each data set (``isbi2012``, ``drive``, ``brats2013``) this script
    up to a multiple of 16) + random flips and rot90, ``DiceCELoss(softmax)``, Adam lr 1e-3,
    then ``sliding_window_inference`` (overlap 0.5, gaussian) and softmax argmax (for two
    classes the same as thresholding the foreground probability at 0.5);
-3. scores both with the same code on the same arrays (everything read with
-   ``medseg.io.read_volume``), prints a table and merges it into
-   ``benchmarks/results/accuracy.json``.
+3. where ``--nnunet-python`` has ``nnunetv2`` (optional; ``benchmarks/README.md``), trains
+   nnU-Net v2 (Isensee et al. 2021, Nature Methods) for the same wall clock: the split
+   written as its raw data set, ``plan_and_preprocess``, its 2d configuration for ISBI and
+   DRIVE and 3d_fullres for BraTS, prediction with its defaults (``benchmarks/
+   nnunet_baseline.py``, run with that Python);
+4. scores all with the same code on the same arrays (everything read with
+   ``medseg.io.read_volume``, nnU-Net's predictions through SimpleITK as they were written),
+   prints a table and merges it into ``benchmarks/results/accuracy.json``.
 
 Scores (issue 9, exactly):
 
@@ -30,9 +35,11 @@ Usage (from the repository root; one data set at a time on a small machine)::
 
     python benchmarks/bench_accuracy.py --datasets isbi2012 --budget-minutes 20
     python benchmarks/bench_accuracy.py --datasets drive --skip-monai
+    python benchmarks/bench_accuracy.py --datasets isbi2012 --nnunet-python NNUNET_VENV/bin/python
 
-medseg trains its pipeline's recipe (``[train]`` steps); MONAI trains for the wall clock medseg
-took. ``--budget-minutes`` caps medseg's training and sets the baselines' wall clock instead.
+medseg trains its pipeline's recipe (``[train]`` steps); MONAI and nnU-Net train for the wall
+clock medseg took. ``--budget-minutes`` caps medseg's training and sets the baselines' wall
+clock instead.
 """
 
 from __future__ import annotations
@@ -450,6 +457,108 @@ def run_monai(
     return preds, info
 
 
+# -- nnU-Net v2 baseline (optional) --------------------------------------------------------------
+#: nnU-Net's three-digit data set ids for the raw folder it plans from.
+NNUNET_IDS = {"isbi2012": 901, "drive": 902, "brats2013": 903}
+NNUNET = REPO / "benchmarks" / "nnunet_baseline.py"
+NNUNET_SKIP = (
+    "skipped: pip install nnunetv2 into an environment of its own (benchmarks/README.md, "
+    "optional: nnU-Net v2 baseline), then --nnunet-python PATH"
+)
+
+
+def nnunet_available(python: str) -> bool:
+    """Whether ``python`` imports ``nnunetv2`` (the optional baseline)."""
+    probe = subprocess.run([python, "-c", "import nnunetv2"], capture_output=True)
+    return probe.returncode == 0
+
+
+def write_nnunet_image(array: np.ndarray, path: Path, dims: int) -> None:
+    """One channel ``(I, J[, K])`` as NIfTI through SimpleITK, whose array axes are the
+    array's own, so a prediction read back the same way lines up voxel for voxel. Spacing
+    1 mm (the 2D sets carry none; the BraTS volumes are 1 mm), 999 across a 2D slice
+    (nnU-Net's convention for 2D data in 3D files)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(array[None] if dims == 2 else array)
+    img.SetSpacing((1.0, 1.0, 999.0) if dims == 2 else (1.0, 1.0, 1.0))
+    sitk.WriteImage(img, str(path))
+
+
+def read_nnunet_label(path: Path, dims: int) -> np.ndarray:
+    """A label file written by ``write_nnunet_image`` (or nnU-Net from such input)."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    return array[0] if dims == 2 else array
+
+
+def write_nnunet_raw(dataset: str, split: Split, root: Path, dims: int) -> list[int]:
+    """nnU-Net's raw data set ``root/raw/DatasetNNN_name``: the training cases in
+    ``imagesTr``/``labelsTr``, the validation cases in ``imagesTs``, one file per channel;
+    labels as consecutive class indices of the sorted training label values (returned)."""
+    from medseg.atomic import write_json
+
+    folder = root / "raw" / f"Dataset{NNUNET_IDS[dataset]}_{dataset}"
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    labels = {c.case_id: read_label(c.label, dims) for c in split.train}
+    values = sorted({int(v) for lab in labels.values() for v in np.unique(lab)})
+    for cases, sub in ((split.train, "imagesTr"), (split.val, "imagesTs")):
+        for c in cases:
+            for k, channel in enumerate(read_image(c, dims)):
+                write_nnunet_image(channel, folder / sub / f"{c.case_id}_{k:04d}.nii.gz", dims)
+    for cid, lab in labels.items():
+        index = class_indices(lab, values).astype(np.uint8)
+        write_nnunet_image(index, folder / "labelsTr" / f"{cid}.nii.gz", dims)
+    names = {"background": 0, **{f"value_{v}": i for i, v in enumerate(values) if i > 0}}
+    channels = {str(k): name for k, name in enumerate(split.manifest.channels)}
+    write_json(folder / "dataset.json", {"channel_names": channels, "labels": names,
+               "numTraining": len(split.train), "file_ending": ".nii.gz"})  # fmt: skip
+    return values
+
+
+def run_nnunet(
+    dataset: str, split: Split, budget_min: float, dims: int, work: Path, python: str, threads: int
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """nnU-Net v2 (Isensee et al. 2021, Nature Methods 18:203-211) as its user runs it, with
+    ``python`` (an environment with ``nnunetv2``): the raw folder from the manifest split,
+    ``plan_and_preprocess``, its 2d configuration for 2D data and 3d_fullres for BraTS,
+    training on every training case for ``budget_min`` of wall clock (``nnunet_baseline.py``:
+    nnU-Net has no time cap, its poly schedule is fitted to the budget), prediction of the
+    validation cases with its defaults (tile step 0.5, gaussian, mirroring)."""
+    root = work / "nnunet"
+    if root.exists():  # stale plans or checkpoints would be reused
+        shutil.rmtree(root)
+    values = write_nnunet_raw(dataset, split, root, dims)
+    cmd = [python, str(NNUNET), "train", "--work", str(root), "--dataset-id",
+           str(NNUNET_IDS[dataset]), "--config", "2d" if dims == 2 else "3d_fullres",
+           "--budget-seconds", f"{budget_min * 60.0:.0f}", "--threads", str(threads)]  # fmt: skip
+    run(cmd, work / "nnunet.log")
+    info = json.loads((root / "nnunet_info.json").read_text())
+    lut = np.asarray(values)
+    preds = {
+        c.case_id: lut[read_nnunet_label(root / "pred" / f"{c.case_id}.nii.gz", dims)]
+        for c in split.val
+    }
+    return preds, info
+
+
+def monai_baseline(
+    dataset: str, pipeline_path: Path, split: Split, work: Path, wall: float, dims: int
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The MONAI recipe with the widths and crop of medseg's plan (preprocessed if need be)."""
+    from medseg.config import load_pipeline
+
+    plan_path = work / "prep" / "plan.json"
+    if not plan_path.is_file():  # the baseline's widths and crop come from the plan
+        prep = ["preprocess", "--pipeline", str(pipeline_path), "--out", str(work / "prep")]
+        run(medseg_cmd(*prep), work / "medseg.log")
+    plan = json.loads(plan_path.read_text())
+    batch = int(load_pipeline(pipeline_path).train.get("batch_size", 2))
+    return run_monai(dataset, split, plan, wall, dims, batch)
+
+
 # -- driver -------------------------------------------------------------------------------------
 def machine() -> str:
     import torch
@@ -485,17 +594,21 @@ def fmt(x: Any) -> str:
 
 
 def print_table(data: dict[str, Any]) -> None:
-    """medseg vs MONAI per data set, with the goal of issue 9 and who is ahead."""
-    head = ("data set", "metric", "medseg", "MONAI", "ahead", "goal", "budget", "machine")
+    """medseg vs MONAI and nnU-Net per data set, with the goal of issue 9 and who is ahead."""
+    head = ("data set", "metric", "medseg", "MONAI", "nnU-Net", "ahead", "goal", "budget",
+            "machine")  # fmt: skip
+    names = {"medseg": "medseg", "monai": "MONAI", "nnunet": "nnU-Net"}
     rows = []
     for ds, e in data.get("datasets", {}).items():
-        ms, mo = e.get("medseg"), e.get("monai")
+        scores = {k: e[k] for k in names if e.get(k) is not None}
         ahead = "-"
-        if ms is not None and mo is not None:
-            ahead = "medseg" if (ms > mo if e["higher_is_better"] else ms < mo) else "MONAI"
+        if len(scores) > 1:
+            pick = max if e["higher_is_better"] else min
+            ahead = names[pick(scores, key=lambda k: scores[k])]
         rows.append(
-            (ds, e["metric"], fmt(ms), fmt(mo), ahead, f"{e['goal_op']} {e['goal']}",
-             f"{e['budget_minutes']:g} min", e.get("machine", "?"))
+            (ds, e["metric"], fmt(e.get("medseg")), fmt(e.get("monai")), fmt(e.get("nnunet")),
+             ahead, f"{e['goal_op']} {e['goal']}", f"{e['budget_minutes']:g} min",
+             e.get("machine", "?"))
         )  # fmt: skip
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     print()
@@ -548,26 +661,29 @@ def bench(args: argparse.Namespace) -> None:
             entry.update(
                 {k: old[k] for k in ("medseg", "medseg_per_case", "medseg_info") if k in old}
             )
+        # the baselines train for the wall clock medseg took (or the one it was capped to)
+        wall = float(entry["budget_minutes"] or old.get("budget_minutes") or 25.0)
         if not args.skip_monai:
-            plan_path = work / "prep" / "plan.json"
-            if not plan_path.is_file():  # the baseline's widths and crop come from the plan
-                prep_cmd = [
-                    "preprocess",
-                    "--pipeline",
-                    str(pipeline_path),
-                    "--out",
-                    str(work / "prep"),
-                ]
-                run(medseg_cmd(*prep_cmd), work / "medseg.log")
-            plan = json.loads(plan_path.read_text())
-            batch = int(pipe.train.get("batch_size", 2))
-            wall = entry["budget_minutes"] or old.get("budget_minutes") or 25.0
-            preds, info = run_monai(dataset, split, plan, float(wall), dims, batch)
+            preds, info = monai_baseline(dataset, pipeline_path, split, work, wall, dims)
             s = score_dataset(dataset, refs, preds, fovs)
             entry.update(monai=s.score, monai_per_case=s.per_case, monai_info=info)
             print(f"{dataset}: MONAI {metric} {s.score:.4f}", flush=True)
         else:
             entry.update({k: old[k] for k in ("monai", "monai_per_case", "monai_info") if k in old})
+        if args.skip_nnunet:
+            entry.update(
+                {k: old[k] for k in ("nnunet", "nnunet_per_case", "nnunet_info") if k in old}
+            )
+        elif not nnunet_available(args.nnunet_python):
+            print(f"{dataset}: nnU-Net {NNUNET_SKIP}", flush=True)
+            entry["nnunet_info"] = {"skipped": NNUNET_SKIP}
+        else:
+            preds, info = run_nnunet(
+                dataset, split, wall, dims, work, args.nnunet_python, args.threads
+            )
+            s = score_dataset(dataset, refs, preds, fovs)
+            entry.update(nnunet=s.score, nnunet_per_case=s.per_case, nnunet_info=info)
+            print(f"{dataset}: nnU-Net {metric} {s.score:.4f}", flush=True)
         data = merge_results(args.results, dataset, entry)
     print_table(data)
     print(f"\nwritten {args.results}")
@@ -598,6 +714,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
     p.add_argument("--skip-medseg", action="store_true", help="keep the last medseg result")
     p.add_argument("--skip-monai", action="store_true", help="keep the last MONAI result")
+    p.add_argument("--skip-nnunet", action="store_true", help="keep the last nnU-Net result")
+    p.add_argument(
+        "--nnunet-python",
+        default=sys.executable,
+        help="a Python with nnunetv2 installed (the optional nnU-Net v2 baseline; "
+        "benchmarks/README.md)",
+    )
     args = p.parse_args(argv)
     bad = [d for d in args.datasets if d not in DATASETS]
     if bad:

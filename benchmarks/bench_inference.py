@@ -15,7 +15,11 @@ has 4 poolings, has the same depth and widths), at the sizes issue 3 names:
 4. achieved convolution GFLOP/s of the tiled pass as a fraction of the best conv3d throughput
    measured on this machine (both memory formats, 16-64 channels);
 5. on a CPU with native bf16 (AMX, AVX512-BF16), ``predict_logits`` under ``--precision
-   bf16`` against its float32 time and MONAI's (float32, as its recipe runs).
+   bf16`` against its float32 time and MONAI's (float32, as its recipe runs);
+6. nnU-Net v2 (Isensee et al. 2021, Nature Methods) where ``--nnunet-python`` has
+   ``nnunetv2``: its ``nnUNetPredictor`` (tile step 0.5, gaussian, no mirroring) with the
+   PlainConvUNet its planner builds for the volume, cut to the same 5 stages and widths, in
+   2 and 3; run by ``benchmarks/nnunet_baseline.py`` in a fresh process of that Python.
 
 Run: ``python benchmarks/bench_inference.py`` (speed, ~3 min on 2 cores) and
 ``python benchmarks/bench_inference.py --rss-only`` (memory, full size);
@@ -31,6 +35,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +45,26 @@ from torch import nn
 from medseg import heap, runtime
 from medseg.inference import case, cohort, model_folder, tiled
 from medseg.model import UNet, shapes
+
+NNUNET = str(Path(__file__).with_name("nnunet_baseline.py"))
+NNUNET_SKIP = (
+    "skipped: pip install nnunetv2 into an environment of its own (benchmarks/README.md, "
+    "optional: nnU-Net v2 baseline), then --nnunet-python PATH"
+)
+
+
+def nnunet_available(python: str) -> bool:
+    """Whether ``python`` imports ``nnunetv2`` (the optional baseline)."""
+    probe = subprocess.run([python, "-c", "import nnunetv2"], capture_output=True)
+    return probe.returncode == 0
+
+
+def run_nnunet(python: str, *args: str) -> dict[str, Any]:
+    """``nnunet_baseline.py ARGS`` in a fresh ``python`` process; its last line as JSON."""
+    run = subprocess.run([python, NNUNET, *args], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"nnU-Net baseline failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
 
 
 def _net(base: int, depth: int, classes: int) -> UNet:
@@ -358,43 +383,55 @@ def rss_child(tool: str, work: str, classes: int, base: int, budget: str) -> Non
 def rss(a: argparse.Namespace) -> None:
     """Peak memory of each tool on a 512x512x300 int16 CT NIfTI, 5 classes, fresh processes.
 
-    ``.nii.gz``: how CT is shipped (MSD, TotalSegmentator, ...); both tools decompress it
-    through nibabel, so neither gets file-backed pages for free.
+    ``.nii.gz``: how CT is shipped (MSD, TotalSegmentator, ...); all tools decompress it
+    through nibabel or SimpleITK, so none gets file-backed pages for free. nnU-Net runs its
+    default 3d_fullres plan for this CT (``nnunet_baseline.py rss``).
     """
     import tempfile
 
     shape = tuple(int(round(s * a.rss_scale)) for s in (512, 512, 300))
-    res = {}
+    res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="medseg-bench-") as work:
         write_ct(f"{work}/ct.nii.gz", shape)  # type: ignore[arg-type]
         write_model_folder(f"{work}/model", a.rss_base, 5)
-        for tool in ("medseg", "monai"):
+        for tool in ("medseg", "monai", "nnunet"):
             if a.rss_tools and tool not in a.rss_tools:
                 continue
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                tool,
-                work,
-                "5",
-                str(a.rss_base),
-                f"{a.rss_budget}:{a.threads}",
-            ]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            res[tool] = json.loads(out.strip().splitlines()[-1])
+            if tool == "nnunet":
+                if not nnunet_available(a.nnunet_python):
+                    print(f"nnunet {NNUNET_SKIP}")
+                    continue
+                res[tool] = run_nnunet(
+                    a.nnunet_python,
+                    "rss",
+                    "--work",
+                    work,
+                    "--base",
+                    str(a.rss_base),
+                    "--threads",
+                    str(a.threads),
+                )
+            else:
+                cmd = [sys.executable, __file__, "--child", tool, work, "5", str(a.rss_base),
+                       f"{a.rss_budget}:{a.threads}"]  # fmt: skip
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                res[tool] = json.loads(out.strip().splitlines()[-1])
             print(tool, json.dumps(res[tool]))
-    if len(res) < 2:
-        return
-    med, mon = res["medseg"], res["monai"]
-    print(
-        f"peak RSS, int16 CT {list(shape)} .nii.gz, 5 classes, base {a.rss_base}, "
-        f"{a.threads} threads: medseg {med['peak_mib']:.0f} MiB ({med['seconds']:.1f} s, "
-        f"--max-memory {a.rss_budget}, {med['tiles']} tiles of {med['tile_size']}, batch "
-        f"{med['batch_size']}), MONAI {mon['peak_mib']:.0f} MiB ({mon['seconds']:.1f} s); "
-        f"ratio medseg/MONAI {med['peak_mib'] / mon['peak_mib']:.3f} (goal <= 0.25); time "
-        f"ratio MONAI/medseg {mon['seconds'] / med['seconds']:.2f}"
-    )
+    med = res.get("medseg")
+    for tool, what in (("monai", "MONAI"), ("nnunet", "nnU-Net")):
+        if med is None or tool not in res:
+            continue
+        other = res[tool]
+        print(
+            f"peak RSS, int16 CT {list(shape)} .nii.gz, 5 classes, base {a.rss_base}, "
+            f"{a.threads} threads: medseg {med['peak_mib']:.0f} MiB ({med['seconds']:.1f} s, "
+            f"--max-memory {a.rss_budget}, {med['tiles']} tiles of {med['tile_size']}, batch "
+            f"{med['batch_size']}), {what} {other['peak_mib']:.0f} MiB ({other['seconds']:.1f} s"
+            f"{', patch ' + str(other['patch_size']) if 'patch_size' in other else ''}); ratio "
+            f"medseg/{what} {med['peak_mib'] / other['peak_mib']:.3f}"
+            f"{' (goal <= 0.25)' if tool == 'monai' else ''}; time ratio "
+            f"{what}/medseg {other['seconds'] / med['seconds']:.2f}"
+        )
 
 
 def cli_vs_library(a: argparse.Namespace) -> None:
@@ -483,6 +520,35 @@ def monai_speed(a: argparse.Namespace) -> float:
     return _time(run_monai)
 
 
+def nnunet_speed(a: argparse.Namespace, vox: int, t_medseg: float) -> None:
+    """nnU-Net's predictor on the same volume in a fresh process of ``--nnunet-python``: its
+    planned 3d_fullres patch, the PlainConvUNet cut to 5 stages (4 poolings, as medseg and
+    BasicUNet here) with widths ``base * 2**i``, tile step 0.5, gaussian, no mirroring."""
+    import tempfile
+
+    if not nnunet_available(a.nnunet_python):
+        print(f"nnU-Net predictor            {NNUNET_SKIP}")
+        return
+    with tempfile.TemporaryDirectory(prefix="medseg-bench-") as work:
+        r = run_nnunet(
+            a.nnunet_python,
+            "speed",
+            "--work",
+            work,
+            "--base",
+            str(a.base),
+            "--threads",
+            str(a.threads),
+            "--size",
+            *map(str, a.size),
+        )
+    t = float(r["seconds"])
+    print(
+        f"nnU-Net predictor           {t:8.2f} s  ({vox / t / 1e6:.3f} Mvox/s, patch "
+        f"{r['patch_size']}, {r['stages']} stages); ratio medseg/nnU-Net {t / t_medseg:.3f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, nargs=3, default=[192, 192, 160])
@@ -498,7 +564,12 @@ def main() -> None:
     ap.add_argument("--onnx-only", action="store_true", help="only onnxruntime vs torch")
     ap.add_argument("--onnx-repeats", type=int, default=2)
     ap.add_argument("--flops-tiles", type=int, nargs="*", default=[92])
-    ap.add_argument("--rss-tools", nargs="*", help="only these tools (medseg, monai)")
+    ap.add_argument("--rss-tools", nargs="*", help="only these tools (medseg, monai, nnunet)")
+    ap.add_argument(
+        "--nnunet-python",
+        default=sys.executable,
+        help="a Python with nnunetv2 installed (the optional nnU-Net v2 baseline)",
+    )
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--monai-speed-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -580,6 +651,8 @@ def main() -> None:
         f"medseg {vox / t_api / 1e6:.3f} Mvox/s; ratio medseg/MONAI {t_monai / t_api:.3f} "
         "(goal >= 1.5)"
     )
+
+    nnunet_speed(a, vox, t_api)
 
     if runtime.native_bf16(torch.device("cpu")):  # opt-in: medseg infer --precision bf16
         t_bf16 = _time(lambda: tiled.predict_logits(net, image, prepare=True, precision="bf16"))

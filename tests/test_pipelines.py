@@ -262,6 +262,41 @@ def test_bench_split_other_fold_trains_on_every_other_case(bench: ModuleType, da
         bench.load_split(manifest, data_root, val_cases=["brats_2013_pat0009_1"])
 
 
+def test_nnunet_raw_folder_holds_the_split_one_file_per_channel_labels_consecutive(
+    bench: ModuleType, data_root, tmp_path: Path
+) -> None:
+    """The optional nnU-Net baseline's raw data set (written without nnunetv2): DRIVE's RGB
+    TIFF as three channel files, its 0/255 vessel labels as classes 0/1, checked against the
+    files read by Pillow and the NIfTI read by nibabel."""
+    import json
+
+    import nibabel as nib
+    from PIL import Image
+
+    full = bench.load_split(REPO / "data_manifests" / "drive.json", data_root)
+    split = bench.Split(full.manifest, full.train[:2], full.val[:1])
+    assert bench.write_nnunet_raw("drive", split, tmp_path, 2) == [0, 255]
+    folder = tmp_path / "raw" / "Dataset902_drive"
+    val_id = split.val[0].case_id
+    assert sorted(p.name for p in (folder / "imagesTs").iterdir()) == [
+        f"{val_id}_{k:04d}.nii.gz" for k in range(3)
+    ]
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "R", "1": "G", "2": "B"}
+    assert meta["labels"] == {"background": 0, "value_255": 1}
+    assert meta["numTraining"] == 2
+    case = split.train[0]
+    label = np.asarray(nib.load(folder / "labelsTr" / f"{case.case_id}.nii.gz").dataobj)
+    vessel = np.asarray(Image.open(case.label)) > 0
+    assert set(np.unique(label)) == {0, 1}
+    assert int(label.sum()) == int(vessel.sum())
+    green = np.asarray(nib.load(folder / "imagesTr" / f"{case.case_id}_0001.nii.gz").dataobj)
+    rgb = np.asarray(Image.open(case.images[0]), dtype=np.float64)
+    assert green.sum() == pytest.approx(rgb[..., 1].sum())
+    back = bench.read_nnunet_label(folder / "labelsTr" / f"{case.case_id}.nii.gz", 2)
+    assert np.array_equal(back, label[:, :, 0].T)
+
+
 # -- `medseg infer` follows the run's pipeline [infer] tta ----------------------------------------
 def _tiny_run(folder: Path, infer_table: str) -> None:
     """A model folder as `medseg train` writes it: plan.json, model.pt, pipeline.toml."""

@@ -223,8 +223,13 @@ def worker_model(settings: InferSettings) -> tuple[LoadedModel, dict[str, Any], 
         loaded, heap_kw = load_for_infer(settings.model, settings.device, settings.precision)
         return with_engine(loaded, settings.engine, onnx_path=settings.onnx), heap_kw
 
-    loaded, heap_kw = cached(key, load)
+    loaded, heap_kw = cached(key, load, replaces=partial(_same_folder, key))
     return loaded, heap_kw, bool(loads)
+
+
+def _same_folder(key: tuple[Any, ...], other: Any) -> bool:
+    """``other`` keeps another version of ``key``'s model folder (retrained since)."""
+    return isinstance(other, tuple) and other[:2] == key[:2] and other[3:] == key[3:]
 
 
 def _stats(paths: Any) -> list[os.stat_result]:

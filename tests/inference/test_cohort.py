@@ -29,7 +29,7 @@ from medseg.inference.cohort import (
 from medseg.io import read_volume, write_volume
 from medseg.runtime import native_bf16
 from medseg.volume import Grid, Volume
-from tests.inference.helpers import Evil, make_plan, model_folder, run_cli
+from tests.inference.helpers import Evil, make_plan, model_folder, random_unet, run_cli
 from tests.preprocess.test_cohort import _port, _start
 from tests.test_cohort import dask_cluster as dask_cluster  # the shared fixture
 
@@ -348,3 +348,26 @@ def test_any_exception_in_one_case_fails_only_that_case(
     assert "failed: b: MemoryError: cannot allocate 64 GiB" in err
     assert "1 of 3 cases failed; 2 written to" in err
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz", "c.nii.gz"]
+
+
+def test_a_model_retrained_into_its_folder_is_loaded_anew_and_the_old_one_dropped(
+    tmp_path: Path,
+) -> None:
+    from medseg import cohort
+
+    plan = make_plan(depth=1, base=2)
+    folder, _ = model_folder(tmp_path, plan)
+    cases = _cohort(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = InferSettings(folder, device="cpu")
+    first = run_cohort(cases, settings, out)
+    assert [d.loaded_model for d in first.done.values()] == [True, False]  # once, not per case
+    # new weights, written a second later than the first ones (whatever the clock's grain)
+    before = (folder / "model.pt").stat().st_mtime_ns
+    torch.save(random_unet(3, 1, 2, depth=1, base=2, seed=1).state_dict(), folder / "model.pt")
+    os.utime(folder / "model.pt", ns=(before + 10**9, before + 10**9))
+    second = run_cohort(cases, settings, out, overwrite=True)
+    assert [d.loaded_model for d in second.done.values()] == [True, False]
+    kept = [k for k in cohort._CACHE if isinstance(k, tuple) and k[1] == str(folder.resolve())]
+    assert len(kept) == 1
