@@ -212,7 +212,10 @@ def worker_model(settings: InferSettings) -> tuple[LoadedModel, dict[str, Any], 
     folder = Path(settings.model).resolve()
     # the files' times and sizes too: a model retrained into the same folder is loaded anew
     stamp = tuple((s.st_mtime_ns, s.st_size) for s in _stats(folder / n for n in MODEL_FILES))
-    engine = (settings.engine, str(settings.onnx))
+    # and the exported graph's, for the onnxruntime engine: a re-export is loaded anew
+    graph = Path(settings.onnx) if settings.onnx is not None else folder / "model.onnx"
+    graph_stamp = [(s.st_mtime_ns, s.st_size) for s in _stats([graph])]
+    engine = (settings.engine, str(graph), *(graph_stamp if settings.engine != "torch" else []))
     key = ("infer", str(folder), stamp, settings.device, settings.precision, engine)
     loads: list[bool] = []
 
