@@ -36,8 +36,14 @@ from medseg.io.dicom_source import MedsegDicomWarning
 from tests.inference.helpers import Bands, bands_logits, make_plan, model_folder, run_cli
 from tests.io.dicom_fixtures import double_oblique_series, frame_geometry, pixel_world_ras
 
-#: single-frame, enhanced multi-frame (Philips, float reference), JPEG 2000
-SERIES = ["siemens_mr_sagittal", "philips_enhanced_multiframe_mr", "jpeg2000_mr"]
+#: dicom2nifti references: single-frame, enhanced multi-frame (Philips, float reference),
+#: JPEG 2000; dcm2niix reference: a Siemens mosaic, JPEG 2000, slightly oblique
+SERIES = [
+    "siemens_mr_sagittal",
+    "philips_enhanced_multiframe_mr",
+    "jpeg2000_mr",
+    "siemens_transfer_syntax_9",
+]
 LIVER = ["SCT", "10200004", "Liver"]
 
 
