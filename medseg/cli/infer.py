@@ -366,7 +366,8 @@ def _infer_one(
     """Segment the one case of ``--volume`` into ``output``; print the files written."""
     from medseg.inference.case import check_channels, predict_case
     from medseg.inference.cohort import read_case
-    from medseg.inference.outputs import reported_dicom_warnings, write_outputs
+    from medseg.inference.outputs import write_outputs
+    from medseg.io.dicom_source import reported_dicom_warnings
 
     # read and check before any progress output, so errors stay one line
     images = read_case(volume, settings.series, **settings.dicom_options())
@@ -419,7 +420,7 @@ def _infer_cohort(
     cases with the workers' count, each case event also a line in ``log``; print the counts."""
     from medseg.cohort import CaseLog
     from medseg.inference.cohort import run_cohort
-    from medseg.inference.outputs import reported_dicom_warnings
+    from medseg.io.dicom_source import reported_dicom_warnings
 
     stats = _cohort_stats(cases, settings, output)
     with reported_dicom_warnings(_warn), stats, CaseLog(console, log) as bar:
