@@ -199,7 +199,7 @@ def infer(
         allow_nonuniform=allow_nonuniform,
         correct_tilt=correct_tilt,
         outputs=_output_spec(model, output, fmt, fractional, stats, save_probabilities, volume),
-        **_engine(engine, onnx, device),
+        **_engine(engine, onnx, device, precision),
     )
     _check_infer_paths(volume, output, overwrite)
     if log is not None:
@@ -278,8 +278,9 @@ def _output_spec(
     return OutputSpec(resolved, fractional, stats, codes)
 
 
-def _engine(engine: str, onnx: Path | None, device: str) -> dict[str, Any]:
-    """``--engine`` (checked: onnxruntime runs here on the CPU only) and ``--onnx``."""
+def _engine(engine: str, onnx: Path | None, device: str, precision: str) -> dict[str, Any]:
+    """``--engine`` (checked: onnxruntime runs the float32 graph, here on the CPU only) and
+    ``--onnx``."""
     from medseg.errors import ModelError
     from medseg.inference.engine import ENGINES
 
@@ -287,6 +288,10 @@ def _engine(engine: str, onnx: Path | None, device: str) -> dict[str, Any]:
         raise ModelError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if engine == "onnxruntime" and device not in ("cpu", "auto"):
         raise ModelError(f"--engine onnxruntime runs on the CPU; drop --device {device}")
+    if engine == "onnxruntime" and precision not in ("auto", "float32"):
+        raise ModelError(
+            f"--engine onnxruntime runs the float32 graph; drop --precision {precision}"
+        )
     # resolved: cohort workers (a Dask cluster) may run in another folder
     return {"engine": engine, "onnx": None if onnx is None else onnx.resolve()}
 

@@ -288,6 +288,19 @@ def test_cli_dcm_output_is_a_seg_of_the_input_series_on_the_nifti_voxels(
         (["--output", "{t}/r.dcm", "--volume", "{dicom}", "--save-probabilities"], "--fractional"),
         (["--output", "{t}/r.dcm", "--volume", "{enhanced}", "--format", "rtstruct"], "DICOM-SEG"),
         (["--output", "{t}/r.dcm", "--volume", "{dicom}", "--engine", "onnxruntime"], "export"),
+        (
+            [
+                "--output",
+                "{t}/r.dcm",
+                "--volume",
+                "{dicom}",
+                "--engine",
+                "onnxruntime",
+                "--precision",
+                "bf16",
+            ],
+            "float32 graph",
+        ),  # fmt: skip
     ],
 )
 def test_cli_bad_output_requests_are_one_line_exit_2_nothing_written(
