@@ -11,6 +11,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -412,3 +415,35 @@ def test_cli_cohort_rerun_with_stats_redoes_cases_without_them(
     assert (out / "a_seg_stats.json").is_file() and (out / "stats.csv").is_file()
     code, stdout, _ = run_cli([*args, "--format", "dicom-seg", "--stats"], capsys)
     assert code == 0 and "1 skipped" in stdout
+
+
+def test_dcmqi_reads_each_segment_onto_reference_voxels_of_its_band(
+    data_root: Path, tmp_path: Path
+) -> None:
+    exe = shutil.which("segimage2itkimage") or str(
+        Path(sys.executable).parent / "segimage2itkimage"
+    )
+    if not Path(exe).exists():
+        pytest.skip("dcmqi (segimage2itkimage) is not installed")
+    folder = data_root / "dicom" / "philips_mr_coronal" / "dicom"
+    ref = nib.load(data_root / "dicom" / "philips_mr_coronal" / "reference.nii.gz")
+    x = np.asarray(ref.dataobj, dtype=np.float64).reshape(ref.shape[:3])
+    low, high, _ = _bands(x)
+    plan, images, pred = _predict(folder, low, high)
+    (out,) = _write(pred, images, folder, tmp_path / "r.dcm", plan, OutputSpec("dicom-seg"))
+    res = subprocess.run(
+        [exe, "--inputDICOM", str(out), "--outputDirectory", str(tmp_path), "-t", "nifti"],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        pytest.skip(f"dcmqi does not run here: {res.stderr.strip()[:200]}")
+    expected = np.digitize(x, [low, high])
+    for number in (1, 2):
+        seg = nib.load(tmp_path / f"{number}.nii.gz")
+        world = nib.affines.apply_affine(seg.affine, np.argwhere(np.asarray(seg.dataobj) > 0))
+        idx = nib.affines.apply_affine(np.linalg.inv(ref.affine), world)
+        assert np.allclose(idx, np.rint(idx), atol=2e-2)
+        v = np.rint(idx).astype(int)
+        assert len(v) == int((expected == number).sum())
+        assert np.all(expected[v[:, 0], v[:, 1], v[:, 2]] == number)
