@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from medseg import heap
 from medseg.cohort import Where
 from medseg.errors import MedsegError
 from medseg.inference.cohort import (
@@ -190,13 +191,14 @@ def test_discover_cases_and_shards(tmp_path: Path) -> None:
 
 
 # -- cohorts as tasks: where they run, what a rerun skips -----------------------------------------
-def _cohort(folder: Path, n: int, seed: int = 0) -> list[CaseInput]:
-    """``n`` one-channel cases of different sizes (as scans differ) on an oblique grid."""
+def _cohort(folder: Path, n: int, seed: int = 0, size: int = 20) -> list[CaseInput]:
+    """``n`` one-channel cases of different sizes (as scans differ), the first ``size``
+    voxels along I."""
     rng = np.random.default_rng(seed)
     folder.mkdir()
     cases = []
     for i in range(n):
-        shape = (20 + 3 * i, 18 + 2 * i, 9 + i)
+        shape = (size + 3 * i, size - 2 + 2 * i, size // 2 - 1 + i)
         grid = Grid.from_spacing(shape, (0.8, 0.7, 2.5), (12.0, -40.0, 7.5 + i))
         arr = rng.normal(0.0, 1.0, size=(1, *shape)).astype(np.float32)
         write_volume(Volume(arr, grid), folder / f"case{i}.nii.gz")
@@ -214,18 +216,24 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def test_cohort_bytes_match_sequential_on_workers_and_dask_model_loaded_once_per_worker(
-    tmp_path: Path, dask_cluster: str
+    tmp_path: Path, dask_cluster: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plan = make_plan(depth=1, base=2, orientation=("R", "A", "S"), target_spacing=(1.0, 1.0, 2.0))
     folder, _ = model_folder(tmp_path, plan)
     cases = _cohort(tmp_path / "in", 5)
     settings = InferSettings(folder, device="cpu", save_probabilities=True)
-    places = {"seq": Where(), "w1": Where(workers=1), "w2": Where(workers=2),
-              "dask": Where(scheduler=dask_cluster)}  # fmt: skip
+    places = {"w1": Where(workers=1), "w2": Where(workers=2),
+              "dask": Where(scheduler=dask_cluster), "seq": Where()}  # fmt: skip
+    switched: list[str] = []  # allocator switches in this process (workers are not patched)
+    monkeypatch.setattr(heap, "return_freed_memory", lambda: switched.append("return"))
     digests = {}
     for name, where in places.items():
         (tmp_path / name).mkdir()
+        threads = (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))
         outcome = run_cohort(cases, settings, tmp_path / name, where=where)
+        if name != "seq":  # allocator and threads are the workers' business, not this process's
+            assert not switched
+            assert (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")) == threads
         assert list(outcome.done) == [c.case_id for c in cases] and not outcome.skipped
         digests[name] = _digests(tmp_path / name)
         workers = {d.worker for d in outcome.done.values()}
@@ -234,6 +242,7 @@ def test_cohort_bytes_match_sequential_on_workers_and_dask_model_loaded_once_per
         assert sum(d.loaded_model for d in outcome.done.values()) <= len(workers)
         if name != "dask":  # Dask workers live on: they may hold it from an earlier test
             assert sum(d.loaded_model for d in outcome.done.values()) == len(workers)
+    assert switched == ["return"]  # in this process only when the cases ran here
     assert len(digests["seq"]) == 2 * len(cases)  # labels and probabilities
     for name in ("w1", "w2", "dask"):
         assert digests[name] == digests["seq"], name
@@ -280,7 +289,7 @@ def test_infer_on_dask_scheduler_and_workers_from_the_install_survives_a_killed_
     if not (VENV_BIN / "dask").exists():
         pytest.skip(f"no dask command in {VENV_BIN}")
     folder, _ = model_folder(tmp_path, make_plan(depth=1, base=4))
-    _cohort(tmp_path / "in", 8)
+    _cohort(tmp_path / "in", 12, size=48)  # cases long enough to kill a worker mid-run
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -309,8 +318,8 @@ def test_infer_on_dask_scheduler_and_workers_from_the_install_survives_a_killed_
         run.wait()
         rerun = subprocess.run([*cli, "--output", str(out), "--scheduler", address], env=env)
         assert rerun.returncode == 0
-        assert _digests(out) == _digests(tmp_path / "seq") and len(_digests(out)) == 8
-        assert "8 case(s)" in (out / "infer.log").read_text()
+        assert _digests(out) == _digests(tmp_path / "seq") and len(_digests(out)) == 12
+        assert "12 case(s)" in (out / "infer.log").read_text()
     finally:
         for p in procs:
             if p.poll() is None:
