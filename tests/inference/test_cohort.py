@@ -173,6 +173,7 @@ def test_cli_cohort_finishes_good_cases_lists_bad_and_skips_done(
     assert (out / "a.nii.gz").stat().st_mtime_ns == before
     code, stdout, _ = run_cli([*args, "--overwrite", "--shard", "1/2"], capsys)
     assert code == 0 and "1 cases written" in stdout
+    assert "infer 1/1 b: done" in (out / "infer-1of2.log").read_text()  # a log per shard
 
 
 def test_discover_cases_and_shards(tmp_path: Path) -> None:
