@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from medseg import heap
 from medseg.cohort import Where
 from medseg.errors import MedsegError
+from medseg.inference import cohort as cohort_module
 from medseg.inference.cohort import (
     CaseInput,
     InferSettings,
@@ -225,8 +225,16 @@ def test_cohort_bytes_match_sequential_on_workers_and_dask_model_loaded_once_per
     settings = InferSettings(folder, device="cpu", save_probabilities=True)
     places = {"w1": Where(workers=1), "w2": Where(workers=2),
               "dask": Where(scheduler=dask_cluster), "seq": Where()}  # fmt: skip
-    switched: list[str] = []  # allocator switches in this process (workers are not patched)
-    monkeypatch.setattr(heap, "return_freed_memory", lambda: switched.append("return"))
+    # the model and the allocator settings it runs with, loaded in this process (workers are
+    # spawned: not patched)
+    switched: list[str] = []
+    real = cohort_module.load_for_infer
+
+    def spy(*args: object) -> object:
+        switched.append("loaded here")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cohort_module, "load_for_infer", spy)
     digests = {}
     for name, where in places.items():
         (tmp_path / name).mkdir()
@@ -243,7 +251,7 @@ def test_cohort_bytes_match_sequential_on_workers_and_dask_model_loaded_once_per
         assert sum(d.loaded_model for d in outcome.done.values()) <= len(workers)
         if name != "dask":  # Dask workers live on: they may hold it from an earlier test
             assert sum(d.loaded_model for d in outcome.done.values()) == len(workers)
-    assert switched == ["return"]  # in this process only when the cases ran here
+    assert switched == ["loaded here"]  # in this process only when the cases ran here
     assert len(digests["seq"]) == 2 * len(cases)  # labels and probabilities
     for name in ("w1", "w2", "dask"):
         assert digests[name] == digests["seq"], name
