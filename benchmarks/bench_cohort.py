@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -101,16 +102,22 @@ def make_model(manifest: Path, pipeline: Path, folder: Path) -> Path:
     return run
 
 
-def time_infer(manifest: Path, model: Path, where: Any, root: Path) -> float:
+#: Seconds per case inside the task, by place (inference; cases that loaded the model left out)
+CASE_SECONDS: dict[str, list[float]] = {}
+
+
+def time_infer(manifest: Path, model: Path, where: Any, root: Path, name: str = "") -> float:
     from medseg.inference.cohort import CaseInput, InferSettings, run_cohort
     from medseg.manifest import load_manifest
 
     cases = [CaseInput(c.case_id, list(c.images)) for c in load_manifest(manifest).cases]
     out = Path(tempfile.mkdtemp(dir=root))
     t0 = time.perf_counter()
-    run_cohort(cases, InferSettings(model, device="cpu"), out, where=where)
+    done = run_cohort(cases, InferSettings(model, device="cpu"), out, where=where).done
     seconds = time.perf_counter() - t0
     shutil.rmtree(out)
+    inside = [d.seconds for d in done.values() if not d.loaded_model]
+    CASE_SECONDS.setdefault(name, []).extend(inside)
     return seconds
 
 
@@ -131,9 +138,9 @@ def measure(args: argparse.Namespace, root: Path) -> tuple[dict[str, dict[str, f
     from medseg.cohort import Where, run_tasks
 
     model = make_model(args.manifest, args.pipeline, root) if "infer" in args.stages else None
-    timers = {"preprocess": lambda w: time_preprocess(args.manifest, w, root)}
+    timers = {"preprocess": lambda w, _n: time_preprocess(args.manifest, w, root)}
     if model is not None:
-        timers["infer"] = lambda w: time_infer(args.manifest, model, w, root)
+        timers["infer"] = lambda w, n: time_infer(args.manifest, model, w, root, n)
     rows: dict[str, dict[str, float]] = {s: {} for s in args.stages}
     overhead: dict[str, float] = {}
     with ExitStack() as stack:
@@ -149,7 +156,7 @@ def measure(args: argparse.Namespace, root: Path) -> tuple[dict[str, dict[str, f
         for r in range(args.repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 for stage in args.stages:
-                    seconds = timers[stage](places[name])
+                    seconds = timers[stage](places[name], name)
                     rows[stage][name] = min(seconds, rows[stage].get(name, seconds))
         for name in ("--workers 2", "Dask 1 worker(s)", "Dask 2 worker(s)"):
             overhead[name] = _overhead(places[name], args.empty, run_tasks)
@@ -166,6 +173,11 @@ def report(rows: dict[str, dict[str, float]], overhead: dict[str, float], n: int
                 local = times[f"--workers {name.split()[1]}"]
                 line += f"; {local / seconds:.2f}x of --workers {name.split()[1]}"
             print(line + ")")
+    if CASE_SECONDS:
+        print("infer: median seconds per case inside the task (cases that loaded the model out)")
+        for name, values in CASE_SECONDS.items():
+            if values:
+                print(f"  {name:<18} {statistics.median(values):7.2f} s  (n={len(values)})")
     print("per-task overhead over empty tasks:")
     for name, seconds in overhead.items():
         print(f"  {name:<18} {1000 * seconds:7.2f} ms/task")

@@ -122,10 +122,15 @@ def _apply_setup(setup: WorkerSetup, token: str) -> None:
         _APPLIED.add(token)
 
 
-def cached(key: Any, load: Callable[[], R]) -> R:
-    """``load()`` once per worker process and key (e.g. a model folder), then the kept value."""
+def cached(key: Any, load: Callable[[], R], replaces: Callable[[Any], bool] | None = None) -> R:
+    """``load()`` once per worker process and key (e.g. a model folder), then the kept value.
+
+    ``replaces(other_key)``: kept values that a newly loaded one supersedes (an older version
+    of the same model), dropped so that a long-lived worker holds one of them."""
     with _LOCK:
         if key not in _CACHE:
+            for old in [k for k in _CACHE if replaces is not None and replaces(k)]:
+                del _CACHE[old]
             _CACHE[key] = load()
         return _CACHE[key]  # type: ignore[no-any-return]
 

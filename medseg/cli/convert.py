@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from medseg.cli.app import app, check_output_file, console, help_text
 from medseg.cli.dicom import allow_nonuniform_option, correct_tilt_option, reader_options
+
+#: Coded concepts per label value (:func:`medseg.config.dicom_codes`).
+Codes = Mapping[Any, Mapping[str, Sequence[str]]]
 
 _WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".png", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -34,6 +39,7 @@ _WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".png", ".tif", ".tiff", 
         "medseg convert label.nii.gz seg.dcm --reference study/dicom/",
         "medseg convert label.nii.gz rt.dcm --reference study/dicom/ --format rtstruct",
         "medseg convert rt.dcm label.nii.gz --reference study/dicom/",
+        "medseg convert label.nii.gz seg.dcm --reference study/dicom/ --pipeline p.toml",
     ),
 )
 def convert(
@@ -68,13 +74,20 @@ def convert(
         "--format",
         help="Output format: dicom-seg or rtstruct (default: dicom-seg for a .dcm OUTPUT).",
     ),
+    pipeline: Path | None = typer.Option(
+        None,
+        "--pipeline",
+        help="DICOM-SEG/RTSTRUCT: coded concepts per label value from this TOML's "
+        "[infer.dicom_codes] (default: generic codes).",
+    ),
 ) -> None:
     """Convert a scan to NIfTI, NRRD, MetaImage or PNG, keeping its world geometry."""
     from medseg.errors import WriteError
     from medseg.io import read_volume, write_volume
 
     if fmt is not None or output.name.lower().endswith(".dcm"):
-        _convert_to_dicom(input, output, reference, series, fmt or "dicom-seg", overwrite)
+        codes = _codes(pipeline)
+        _convert_to_dicom(input, output, reference, series, fmt or "dicom-seg", overwrite, codes)
         return
     if not output.is_dir() and not output.name.lower().endswith(_WRITE_SUFFIXES):
         raise WriteError(
@@ -91,14 +104,26 @@ def convert(
     )
 
 
+def _codes(pipeline: Path | None) -> Codes:
+    """``--pipeline``'s ``[infer.dicom_codes]`` (checked when the TOML is read), else none."""
+    from medseg.config import dicom_codes, load_pipeline
+
+    return {} if pipeline is None else dicom_codes(load_pipeline(pipeline).infer, pipeline)
+
+
 def _convert_to_dicom(
-    input: Path, output: Path, reference: Path | None, series: str | None, fmt: str, overwrite: bool
+    input: Path,
+    output: Path,
+    reference: Path | None,
+    series: str | None,
+    fmt: str,
+    overwrite: bool,
+    codes: Codes,
 ) -> None:
     """``medseg convert LABEL OUT.dcm --reference DIR``: a DICOM-SEG or RTSTRUCT of a series."""
-    import warnings
-
     from medseg.errors import WriteError
     from medseg.io import read_volume
+    from medseg.io.dicom_source import reported_dicom_warnings
 
     if fmt not in ("dicom-seg", "rtstruct"):
         raise WriteError(f"--format {fmt}: use dicom-seg or rtstruct (or a .nii.gz OUTPUT)")
@@ -108,19 +133,17 @@ def _convert_to_dicom(
         )
     check_output_file(output, overwrite)
     label = read_volume(input, label=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+
+    def warn(message: str) -> None:
+        console.print(f"medseg: warning: {message}", highlight=False, soft_wrap=True)
+
+    with reported_dicom_warnings(warn):
         if fmt == "rtstruct":
             from medseg.io.rtstruct import write_rtstruct
 
-            write_rtstruct(label, reference, output, series=series)
+            write_rtstruct(label, reference, output, series=series, codes=codes)
         else:
             from medseg.io.dicom_seg import write_dicom_seg
 
-            write_dicom_seg(label, reference, output, series=series)
-    from medseg.io.dicom_source import MedsegDicomWarning
-
-    for w in caught:
-        if issubclass(w.category, MedsegDicomWarning):
-            console.print(f"warning: {w.message}", highlight=False, soft_wrap=True)
+            write_dicom_seg(label, reference, output, series=series, codes=codes)
     print(f"wrote {output}: {fmt} of {reference}, {' x '.join(map(str, label.shape))} voxels")

@@ -199,7 +199,7 @@ def infer(
         allow_nonuniform=allow_nonuniform,
         correct_tilt=correct_tilt,
         outputs=_output_spec(model, output, fmt, fractional, stats, save_probabilities, volume),
-        **_engine(engine, onnx, device),
+        **_engine(engine, onnx, device, precision),
     )
     _check_infer_paths(volume, output, overwrite)
     if log is not None:
@@ -278,8 +278,9 @@ def _output_spec(
     return OutputSpec(resolved, fractional, stats, codes)
 
 
-def _engine(engine: str, onnx: Path | None, device: str) -> dict[str, Any]:
-    """``--engine`` (checked: onnxruntime runs here on the CPU only) and ``--onnx``."""
+def _engine(engine: str, onnx: Path | None, device: str, precision: str) -> dict[str, Any]:
+    """``--engine`` (checked: onnxruntime runs the float32 graph, here on the CPU only) and
+    ``--onnx``."""
     from medseg.errors import ModelError
     from medseg.inference.engine import ENGINES
 
@@ -287,7 +288,12 @@ def _engine(engine: str, onnx: Path | None, device: str) -> dict[str, Any]:
         raise ModelError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if engine == "onnxruntime" and device not in ("cpu", "auto"):
         raise ModelError(f"--engine onnxruntime runs on the CPU; drop --device {device}")
-    return {"engine": engine, "onnx": onnx}
+    if engine == "onnxruntime" and precision not in ("auto", "float32"):
+        raise ModelError(
+            f"--engine onnxruntime runs the float32 graph; drop --precision {precision}"
+        )
+    # resolved: cohort workers (a Dask cluster) may run in another folder
+    return {"engine": engine, "onnx": None if onnx is None else onnx.resolve()}
 
 
 def _warn(message: str) -> None:
@@ -365,7 +371,8 @@ def _infer_one(
     """Segment the one case of ``--volume`` into ``output``; print the files written."""
     from medseg.inference.case import check_channels, predict_case
     from medseg.inference.cohort import read_case
-    from medseg.inference.outputs import reported_dicom_warnings, write_outputs
+    from medseg.inference.outputs import write_outputs
+    from medseg.io.dicom_source import reported_dicom_warnings
 
     # read and check before any progress output, so errors stay one line
     images = read_case(volume, settings.series, **settings.dicom_options())
@@ -418,7 +425,7 @@ def _infer_cohort(
     cases with the workers' count, each case event also a line in ``log``; print the counts."""
     from medseg.cohort import CaseLog
     from medseg.inference.cohort import run_cohort
-    from medseg.inference.outputs import reported_dicom_warnings
+    from medseg.io.dicom_source import reported_dicom_warnings
 
     stats = _cohort_stats(cases, settings, output)
     with reported_dicom_warnings(_warn), stats, CaseLog(console, log) as bar:

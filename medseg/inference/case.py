@@ -3,7 +3,8 @@ labels restored onto the scan's own grid, postprocessing, and the data set's lab
 
 ``predict_case`` runs the steps below in order; each is a short function of its own. Nothing
 here changes process-wide state: a caller that wants freed memory kept in the heap while the
-tiles run passes ``tile_scope`` (the command line does, :mod:`medseg.heap`).
+tiles run passes ``tile_scope`` (each process that segments does, once, through
+:func:`medseg.inference.cohort.load_for_infer`; :mod:`medseg.heap`).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from medseg.inference.outputs import probabilities_path as probabilities_path  #
 from medseg.inference.outputs import write_prediction as write_prediction  # re-exported
 from medseg.inference.tiled import TileLayout
 from medseg.io import split_suffix
+from medseg.report.stats import stats_path
 from medseg.volume import Volume
 
 _WRITABLE = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
@@ -211,7 +212,10 @@ def worker_model(settings: InferSettings) -> tuple[LoadedModel, dict[str, Any], 
     folder = Path(settings.model).resolve()
     # the files' times and sizes too: a model retrained into the same folder is loaded anew
     stamp = tuple((s.st_mtime_ns, s.st_size) for s in _stats(folder / n for n in MODEL_FILES))
-    engine = (settings.engine, str(settings.onnx))
+    # and the exported graph's, for the onnxruntime engine: a re-export is loaded anew
+    graph = Path(settings.onnx) if settings.onnx is not None else folder / "model.onnx"
+    graph_stamp = [(s.st_mtime_ns, s.st_size) for s in _stats([graph])]
+    engine = (settings.engine, str(graph), *(graph_stamp if settings.engine != "torch" else []))
     key = ("infer", str(folder), stamp, settings.device, settings.precision, engine)
     loads: list[bool] = []
 
@@ -222,8 +226,13 @@ def worker_model(settings: InferSettings) -> tuple[LoadedModel, dict[str, Any], 
         loaded, heap_kw = load_for_infer(settings.model, settings.device, settings.precision)
         return with_engine(loaded, settings.engine, onnx_path=settings.onnx), heap_kw
 
-    loaded, heap_kw = cached(key, load)
+    loaded, heap_kw = cached(key, load, replaces=partial(_same_folder, key))
     return loaded, heap_kw, bool(loads)
+
+
+def _same_folder(key: tuple[Any, ...], other: Any) -> bool:
+    """``other`` keeps another version of ``key``'s model folder (retrained since)."""
+    return isinstance(other, tuple) and other[:2] == key[:2] and other[3:] == key[3:]
 
 
 def _stats(paths: Any) -> list[os.stat_result]:
@@ -259,13 +268,16 @@ def segment_case(settings: InferSettings, output_dir: Path, case: CaseInput) -> 
 def is_finished(settings: InferSettings, output_dir: Path, case: CaseInput) -> bool:
     """Whether ``case`` was segmented already: its label file (renamed into place last, so
     it exists only once the case is whole) is at least as new as every input file and every
-    model file, and its probabilities file exists when ``save_probabilities`` asks for it."""
+    model file, and its probabilities file exists when ``save_probabilities`` asks for it
+    (and its statistics when ``outputs.stats`` does: they are written after the labels)."""
     out = settings.output(output_dir, case)
     try:
         written = out.stat().st_mtime_ns
     except OSError:
         return False
     if settings.save_probabilities and not probabilities_path(out).exists():
+        return False
+    if settings.outputs.stats and not stats_path(out).exists():
         return False
     sources = [*case.images, *(Path(settings.model) / n for n in MODEL_FILES)]
     newest = max((s.st_mtime_ns for s in _stats(sources)), default=0)

@@ -15,10 +15,8 @@ prediction and, for a cohort, to one ``stats.csv`` (:func:`write_cohort_stats`).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,24 +244,3 @@ def write_cohort_stats(output_dir: Path, outputs: Mapping[str, Path]) -> Path | 
     target = output_dir / STATS_CSV
     write_text(target, csv_text(rows))
     return target
-
-
-@contextlib.contextmanager
-def reported_dicom_warnings(report: Callable[[str], None]) -> Iterator[None]:
-    """Run the block, then hand ``report`` each distinct DICOM fix warning
-    (:class:`medseg.io.dicom_source.MedsegDicomWarning`, e.g. a minted Frame of Reference)
-    as one line; other warnings are shown as usual."""
-    from medseg.io.dicom_source import MedsegDicomWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", MedsegDicomWarning)
-        try:
-            yield
-        finally:
-            seen: set[str] = set()
-            for w in caught:
-                if not issubclass(w.category, MedsegDicomWarning):
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-                elif str(w.message) not in seen:
-                    seen.add(str(w.message))
-                    report(str(w.message))

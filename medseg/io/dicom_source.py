@@ -13,8 +13,10 @@ label map of this series lives on, and the stored image (file, frame) at each sl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,3 +182,22 @@ def label_values(label: Volume, labels: dict[int, str] | None, what: str, error:
 def copy_header(ds: Any) -> Any:
     """A deep copy of a header dataset (so filling and edits never touch the cache)."""
     return copy.deepcopy(ds)
+
+
+@contextlib.contextmanager
+def reported_dicom_warnings(report: Callable[[str], None]) -> Iterator[None]:
+    """Run the block, then hand ``report`` each distinct DICOM fix warning
+    (:class:`medseg.io.dicom_source.MedsegDicomWarning`, e.g. a minted Frame of Reference)
+    as one line; other warnings are shown as usual."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MedsegDicomWarning)
+        try:
+            yield
+        finally:
+            seen: set[str] = set()
+            for w in caught:
+                if not issubclass(w.category, MedsegDicomWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                elif str(w.message) not in seen:
+                    seen.add(str(w.message))
+                    report(str(w.message))

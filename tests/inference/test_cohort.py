@@ -18,6 +18,7 @@ import torch
 
 from medseg.cohort import Where
 from medseg.errors import MedsegError
+from medseg.inference import cohort as cohort_module
 from medseg.inference.cohort import (
     CaseInput,
     InferSettings,
@@ -29,7 +30,7 @@ from medseg.inference.cohort import (
 from medseg.io import read_volume, write_volume
 from medseg.runtime import native_bf16
 from medseg.volume import Grid, Volume
-from tests.inference.helpers import Evil, make_plan, model_folder, run_cli
+from tests.inference.helpers import Evil, make_plan, model_folder, random_unet, run_cli
 from tests.preprocess.test_cohort import _port, _start
 from tests.test_cohort import dask_cluster as dask_cluster  # the shared fixture
 
@@ -172,6 +173,7 @@ def test_cli_cohort_finishes_good_cases_lists_bad_and_skips_done(
     assert (out / "a.nii.gz").stat().st_mtime_ns == before
     code, stdout, _ = run_cli([*args, "--overwrite", "--shard", "1/2"], capsys)
     assert code == 0 and "1 cases written" in stdout
+    assert "infer 1/1 b: done" in (out / "infer-1of2.log").read_text()  # a log per shard
 
 
 def test_discover_cases_and_shards(tmp_path: Path) -> None:
@@ -190,13 +192,14 @@ def test_discover_cases_and_shards(tmp_path: Path) -> None:
 
 
 # -- cohorts as tasks: where they run, what a rerun skips -----------------------------------------
-def _cohort(folder: Path, n: int, seed: int = 0) -> list[CaseInput]:
-    """``n`` one-channel cases of different sizes (as scans differ) on an oblique grid."""
+def _cohort(folder: Path, n: int, seed: int = 0, size: int = 20) -> list[CaseInput]:
+    """``n`` one-channel cases of different sizes (as scans differ), the first ``size``
+    voxels along I."""
     rng = np.random.default_rng(seed)
     folder.mkdir()
     cases = []
     for i in range(n):
-        shape = (20 + 3 * i, 18 + 2 * i, 9 + i)
+        shape = (size + 3 * i, size - 2 + 2 * i, size // 2 - 1 + i)
         grid = Grid.from_spacing(shape, (0.8, 0.7, 2.5), (12.0, -40.0, 7.5 + i))
         arr = rng.normal(0.0, 1.0, size=(1, *shape)).astype(np.float32)
         write_volume(Volume(arr, grid), folder / f"case{i}.nii.gz")
@@ -214,18 +217,32 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def test_cohort_bytes_match_sequential_on_workers_and_dask_model_loaded_once_per_worker(
-    tmp_path: Path, dask_cluster: str
+    tmp_path: Path, dask_cluster: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plan = make_plan(depth=1, base=2, orientation=("R", "A", "S"), target_spacing=(1.0, 1.0, 2.0))
     folder, _ = model_folder(tmp_path, plan)
     cases = _cohort(tmp_path / "in", 5)
     settings = InferSettings(folder, device="cpu", save_probabilities=True)
-    places = {"seq": Where(), "w1": Where(workers=1), "w2": Where(workers=2),
-              "dask": Where(scheduler=dask_cluster)}  # fmt: skip
+    places = {"w1": Where(workers=1), "w2": Where(workers=2),
+              "dask": Where(scheduler=dask_cluster), "seq": Where()}  # fmt: skip
+    # the model and the allocator settings it runs with, loaded in this process (workers are
+    # spawned: not patched)
+    switched: list[str] = []
+    real = cohort_module.load_for_infer
+
+    def spy(*args: object) -> object:
+        switched.append("loaded here")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cohort_module, "load_for_infer", spy)
     digests = {}
     for name, where in places.items():
         (tmp_path / name).mkdir()
+        threads = (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))
         outcome = run_cohort(cases, settings, tmp_path / name, where=where)
+        if name != "seq":  # allocator and threads are the workers' business, not this process's
+            assert not switched
+            assert (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")) == threads
         assert list(outcome.done) == [c.case_id for c in cases] and not outcome.skipped
         digests[name] = _digests(tmp_path / name)
         workers = {d.worker for d in outcome.done.values()}
@@ -234,6 +251,7 @@ def test_cohort_bytes_match_sequential_on_workers_and_dask_model_loaded_once_per
         assert sum(d.loaded_model for d in outcome.done.values()) <= len(workers)
         if name != "dask":  # Dask workers live on: they may hold it from an earlier test
             assert sum(d.loaded_model for d in outcome.done.values()) == len(workers)
+    assert switched == ["loaded here"]  # in this process only when the cases ran here
     assert len(digests["seq"]) == 2 * len(cases)  # labels and probabilities
     for name in ("w1", "w2", "dask"):
         assert digests[name] == digests["seq"], name
@@ -280,7 +298,7 @@ def test_infer_on_dask_scheduler_and_workers_from_the_install_survives_a_killed_
     if not (VENV_BIN / "dask").exists():
         pytest.skip(f"no dask command in {VENV_BIN}")
     folder, _ = model_folder(tmp_path, make_plan(depth=1, base=4))
-    _cohort(tmp_path / "in", 8)
+    _cohort(tmp_path / "in", 12, size=48)  # cases long enough to kill a worker mid-run
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -309,8 +327,8 @@ def test_infer_on_dask_scheduler_and_workers_from_the_install_survives_a_killed_
         run.wait()
         rerun = subprocess.run([*cli, "--output", str(out), "--scheduler", address], env=env)
         assert rerun.returncode == 0
-        assert _digests(out) == _digests(tmp_path / "seq") and len(_digests(out)) == 8
-        assert "8 case(s)" in (out / "infer.log").read_text()
+        assert _digests(out) == _digests(tmp_path / "seq") and len(_digests(out)) == 12
+        assert "12 case(s)" in (out / "infer.log").read_text()
     finally:
         for p in procs:
             if p.poll() is None:
@@ -348,3 +366,26 @@ def test_any_exception_in_one_case_fails_only_that_case(
     assert "failed: b: MemoryError: cannot allocate 64 GiB" in err
     assert "1 of 3 cases failed; 2 written to" in err
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz", "c.nii.gz"]
+
+
+def test_a_model_retrained_into_its_folder_is_loaded_anew_and_the_old_one_dropped(
+    tmp_path: Path,
+) -> None:
+    from medseg import cohort
+
+    plan = make_plan(depth=1, base=2)
+    folder, _ = model_folder(tmp_path, plan)
+    cases = _cohort(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = InferSettings(folder, device="cpu")
+    first = run_cohort(cases, settings, out)
+    assert [d.loaded_model for d in first.done.values()] == [True, False]  # once, not per case
+    # new weights, written a second later than the first ones (whatever the clock's grain)
+    before = (folder / "model.pt").stat().st_mtime_ns
+    torch.save(random_unet(3, 1, 2, depth=1, base=2, seed=1).state_dict(), folder / "model.pt")
+    os.utime(folder / "model.pt", ns=(before + 10**9, before + 10**9))
+    second = run_cohort(cases, settings, out, overwrite=True)
+    assert [d.loaded_model for d in second.done.values()] == [True, False]
+    kept = [k for k in cohort._CACHE if isinstance(k, tuple) and k[1] == str(folder.resolve())]
+    assert len(kept) == 1

@@ -11,6 +11,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -34,10 +37,16 @@ from medseg.inference.outputs import (
 )
 from medseg.io.dicom_source import MedsegDicomWarning
 from tests.inference.helpers import Bands, bands_logits, make_plan, model_folder, run_cli
-from tests.io.dicom_fixtures import frame_geometry, pixel_world_ras
+from tests.io.dicom_fixtures import double_oblique_series, frame_geometry, pixel_world_ras
 
-#: single-frame, enhanced multi-frame (Philips, float reference), JPEG 2000
-SERIES = ["siemens_mr_sagittal", "philips_enhanced_multiframe_mr", "jpeg2000_mr"]
+#: dicom2nifti references: single-frame, enhanced multi-frame (Philips, float reference),
+#: JPEG 2000; dcm2niix reference: a Siemens mosaic, JPEG 2000, slightly oblique
+SERIES = [
+    "siemens_mr_sagittal",
+    "philips_enhanced_multiframe_mr",
+    "jpeg2000_mr",
+    "siemens_transfer_syntax_9",
+]
 LIVER = ["SCT", "10200004", "Liver"]
 
 
@@ -282,6 +291,19 @@ def test_cli_dcm_output_is_a_seg_of_the_input_series_on_the_nifti_voxels(
         (["--output", "{t}/r.dcm", "--volume", "{dicom}", "--save-probabilities"], "--fractional"),
         (["--output", "{t}/r.dcm", "--volume", "{enhanced}", "--format", "rtstruct"], "DICOM-SEG"),
         (["--output", "{t}/r.dcm", "--volume", "{dicom}", "--engine", "onnxruntime"], "export"),
+        (
+            [
+                "--output",
+                "{t}/r.dcm",
+                "--volume",
+                "{dicom}",
+                "--engine",
+                "onnxruntime",
+                "--precision",
+                "bf16",
+            ],
+            "float32 graph",
+        ),  # fmt: skip
     ],
 )
 def test_cli_bad_output_requests_are_one_line_exit_2_nothing_written(
@@ -363,3 +385,65 @@ def test_cli_each_output_format_of_one_dicom_case(
     assert ds.Modality == modality and ds.get("SegmentationType") == kind
     if modality == "RTSTRUCT":
         assert [r.ROIName for r in ds.StructureSetROISequence] == ["rim", "core"]
+
+
+def test_cli_infer_of_a_series_without_frame_of_reference_says_so_in_one_warning(
+    tmp_path: Path, run_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = double_oblique_series(tmp_path / "series")
+    args = ["infer", "--volume", str(folder), "--model", str(run_folder)]
+    code, _, err = run_cli([*args, "--output", str(tmp_path / "r.dcm")], capsys)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "FrameOfReferenceUID" in line]
+    assert len(warned) == 1 and warned[0].startswith("medseg: warning:")
+    minted = pydicom.dcmread(tmp_path / "r.dcm").FrameOfReferenceUID
+    assert minted and minted.startswith("1.2.826.0.1.3680043.8.498.")  # pydicom's root
+
+
+def test_cli_cohort_rerun_with_stats_redoes_cases_without_them(
+    data_root: Path, tmp_path: Path, run_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "a").symlink_to(data_root / "dicom" / "nonisotropic_mr" / "dicom")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["infer", "--input-dir", str(cases), "--model", str(run_folder), "--output", str(out)]
+    assert run_cli([*args, "--format", "dicom-seg"], capsys)[0] == 0
+    code, stdout, _ = run_cli([*args, "--format", "dicom-seg", "--stats"], capsys)
+    assert code == 0 and "1 cases written" in stdout
+    assert (out / "a_seg_stats.json").is_file() and (out / "stats.csv").is_file()
+    code, stdout, _ = run_cli([*args, "--format", "dicom-seg", "--stats"], capsys)
+    assert code == 0 and "1 skipped" in stdout
+
+
+def test_dcmqi_reads_each_segment_onto_reference_voxels_of_its_band(
+    data_root: Path, tmp_path: Path
+) -> None:
+    exe = shutil.which("segimage2itkimage") or str(
+        Path(sys.executable).parent / "segimage2itkimage"
+    )
+    if not Path(exe).exists():
+        pytest.skip("dcmqi (segimage2itkimage) is not installed")
+    folder = data_root / "dicom" / "philips_mr_coronal" / "dicom"
+    ref = nib.load(data_root / "dicom" / "philips_mr_coronal" / "reference.nii.gz")
+    x = np.asarray(ref.dataobj, dtype=np.float64).reshape(ref.shape[:3])
+    low, high, _ = _bands(x)
+    plan, images, pred = _predict(folder, low, high)
+    (out,) = _write(pred, images, folder, tmp_path / "r.dcm", plan, OutputSpec("dicom-seg"))
+    res = subprocess.run(
+        [exe, "--inputDICOM", str(out), "--outputDirectory", str(tmp_path), "-t", "nifti"],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        pytest.skip(f"dcmqi does not run here: {res.stderr.strip()[:200]}")
+    expected = np.digitize(x, [low, high])
+    for number in (1, 2):
+        seg = nib.load(tmp_path / f"{number}.nii.gz")
+        world = nib.affines.apply_affine(seg.affine, np.argwhere(np.asarray(seg.dataobj) > 0))
+        idx = nib.affines.apply_affine(np.linalg.inv(ref.affine), world)
+        assert np.allclose(idx, np.rint(idx), atol=2e-2)
+        v = np.rint(idx).astype(int)
+        assert len(v) == int((expected == number).sum())
+        assert np.all(expected[v[:, 0], v[:, 1], v[:, 2]] == number)

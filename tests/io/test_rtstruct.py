@@ -158,6 +158,36 @@ def test_convert_writes_and_reads_back_the_label(
     assert np.allclose(a.affine, b.affine, atol=1e-4)
 
 
+def test_convert_codes_from_a_pipeline_and_one_warning_for_a_minted_frame_of_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = double_oblique_series(tmp_path / "series")  # no FrameOfReferenceUID
+    lab = np.zeros(read_volume(folder).grid.shape, np.uint8)
+    lab[5:20, 4:12, 1:5] = 1
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(lab, read_volume(folder).grid.affine), label)
+    toml = tmp_path / "p.toml"
+    toml.write_text('[infer.dicom_codes.1]\ntype = ["SCT", "10200004", "Liver"]\n')
+    for fmt in ("dicom-seg", "rtstruct"):
+        out = tmp_path / f"{fmt}.dcm"
+        argv = ["convert", str(label), str(out), "--reference", str(folder), "--format", fmt]
+        code, _, err = _run([*argv, "--pipeline", str(toml)], capsys)
+        assert code == 0, err
+        warned = err.strip().splitlines()
+        assert len(warned) == 1 and warned[0].startswith("medseg: warning: ")
+        assert "FrameOfReferenceUID" in warned[0]
+        ds = pydicom.dcmread(out)
+        if fmt == "dicom-seg":
+            code_item = ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+        else:
+            code_item = ds.RTROIObservationsSequence[0].RTROIIdentificationCodeSequence[0]
+        assert (code_item.CodeValue, code_item.CodeMeaning) == ("10200004", "Liver")
+    toml.write_text('[infer.dicom_codes.1]\ntype = ["SCT", "Liver"]\n')
+    argv = ["convert", str(label), str(tmp_path / "x.dcm"), "--reference", str(folder)]
+    code, _, err = _run([*argv, "--pipeline", str(toml)], capsys)
+    assert code == 2 and "dicom_codes" in err and not (tmp_path / "x.dcm").exists()
+
+
 def _bad_cases(
     folder: Path, label: Path, image: Volume, tmp: Path, data: Path
 ) -> dict[str, list[str]]:
