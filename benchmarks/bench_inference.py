@@ -551,6 +551,20 @@ def nnunet_speed(
     )
 
 
+def nnunet_only(a: argparse.Namespace) -> None:
+    """medseg ``predict_logits`` (one call each, in this process) and nnU-Net (a fresh process
+    each) alternating, best of each."""
+    net = _net(a.base, 4, 2)
+    image = np.random.default_rng(0).normal(size=(1, *a.size)).astype(np.float32)
+    nnunet_speed(
+        a,
+        int(np.prod(a.size)),
+        lambda: tiled.predict_logits(net, image, prepare=True),
+        float("inf"),
+        a.nnunet_repeats,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, nargs=3, default=[192, 192, 160])
@@ -594,11 +608,8 @@ def main() -> None:
     if a.onnx_only:
         onnx_vs_torch(a)
         return
-    if a.nnunet_only:  # medseg and nnU-Net alternating, best of each
-        net = _net(a.base, 4, 2)
-        image = np.random.default_rng(0).normal(size=(1, *a.size)).astype(np.float32)
-        run_pass = lambda: tiled.predict_logits(net, image, prepare=True)  # noqa: E731
-        nnunet_speed(a, int(np.prod(a.size)), run_pass, float("inf"), a.nnunet_repeats)
+    if a.nnunet_only:
+        nnunet_only(a)
         return
     if a.monai_speed_child:
         print(json.dumps({"seconds": monai_speed(a)}))

@@ -114,9 +114,9 @@ def default_plans(
 
 def with_widths(plans: dict[str, Any], base: int, stages: int | None) -> dict[str, Any]:
     """3d_fullres with features ``base * 2**i`` (nnU-Net's doubling, its cap of 320) and, if
-    ``stages`` is given, the first ``stages`` stages of the planned topology."""
+    ``stages`` is given, at most the first ``stages`` stages of the planned topology."""
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    n = stages or arch["n_stages"]
+    n = min(stages or arch["n_stages"], arch["n_stages"])
     arch["n_stages"] = n
     arch["features_per_stage"] = [min(base * 2**i, 320) for i in range(n)]
     for key in ("kernel_sizes", "strides", "n_conv_per_stage"):
