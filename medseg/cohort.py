@@ -307,11 +307,16 @@ class _Dask:
     def next_done(self) -> Outcome:
         fut = next(self._done)
         key = self._keys.pop(fut.key)
-        if fut.status == "finished":
-            return key, fut.result(), None, False
-        error = fut.exception()
+        if fut.status != "cancelled":
+            # finished, or an error; a result lost with its worker since is recomputed
+            try:
+                return key, fut.result(), None, False
+            except Exception as exc:  # the task's own error, raised again by Dask
+                fut.release()
+                return key, None, exc, False
         fut.release()
-        return key, None, error, False
+        # a cancelled task has no result and no error of its own: run it again (once)
+        return key, None, RuntimeError("Dask cancelled the task (its worker was lost)"), True
 
     def workers(self) -> int:
         now = time.monotonic()

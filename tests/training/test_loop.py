@@ -359,7 +359,7 @@ def test_train_refuses_an_unwritable_output_before_building_anything(
     blocker = tmp_path / "file"  # a file where the run folder's parent should be
     blocker.write_text("x")
     monkeypatch.setattr(loop, "setup_run", lambda *a, **k: pytest.fail("built a run"))
-    with pytest.raises(WriteError, match="is not a folder"):
+    with pytest.raises(WriteError, match="is a file, not a folder"):
         train(synthetic_pipeline(prep), blocker / "run", epochs=1, device="cpu", progress=False)
 
 
