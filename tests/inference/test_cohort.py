@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,11 +29,10 @@ from medseg.inference.cohort import (
 from medseg.io import read_volume, write_volume
 from medseg.runtime import native_bf16
 from medseg.volume import Grid, Volume
+from tests.dask_commands import dask_command_cluster, kill_worker
 from tests.inference.helpers import Evil, make_plan, model_folder, random_unet, run_cli
-from tests.preprocess.test_cohort import _port, _start
 from tests.test_cohort import dask_cluster as dask_cluster  # the shared fixture
 
-VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -295,23 +293,13 @@ def test_infer_on_dask_scheduler_and_workers_from_the_install_survives_a_killed_
 ) -> None:
     """As the issue checks preprocess: `dask scheduler`, two `dask worker --nthreads 1`; one
     worker killed mid-run; a rerun completes the cohort with the sequential run's bytes."""
-    if not (VENV_BIN / "dask").exists():
-        pytest.skip(f"no dask command in {VENV_BIN}")
     folder, _ = model_folder(tmp_path, make_plan(depth=1, base=4))
     _cohort(tmp_path / "in", 12, size=48)  # cases long enough to kill a worker mid-run
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
-    port = _port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = str(VENV_BIN / "dask")
-    procs = [_start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                     "--dashboard-address", ":0"], env, tmp_path / "scheduler.log")]  # fmt: skip
-    try:
-        for i in range(2):
-            worker = [dask, "worker", address, "--nthreads", "1", "--dashboard-address", ":0"]
-            procs.append(_start(worker, env, tmp_path / f"w{i}.log"))
+    with dask_command_cluster(tmp_path, env) as (address, workers):
         cli = [sys.executable, "-m", "medseg.cli", "infer", "--input-dir", str(tmp_path / "in"),
                "--model", str(folder), "--device", "cpu"]  # fmt: skip
         (tmp_path / "seq").mkdir()
@@ -320,20 +308,15 @@ def test_infer_on_dask_scheduler_and_workers_from_the_install_survives_a_killed_
         out = tmp_path / "dask"
         out.mkdir()
         run = subprocess.Popen([*cli, "--output", str(out), "--scheduler", address], env=env)
-        # kill one worker (nanny and worker process) once the first case is written
+        # kill one worker once the first case is written
         while not list(out.glob("*.nii.gz")) and run.poll() is None:
             time.sleep(0.1)
-        os.killpg(procs[1].pid, signal.SIGKILL)
+        kill_worker(workers[0])
         run.wait()
         rerun = subprocess.run([*cli, "--output", str(out), "--scheduler", address], env=env)
         assert rerun.returncode == 0
         assert _digests(out) == _digests(tmp_path / "seq") and len(_digests(out)) == 12
         assert "12 case(s)" in (out / "infer.log").read_text()
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait()
 
 
 def test_any_exception_in_one_case_fails_only_that_case(

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,10 +24,10 @@ from medseg.cli import main
 from medseg.cohort import Where
 from medseg.manifest import load_manifest
 from medseg.preprocess.cohort import preprocess_cohort
+from tests.dask_commands import dask_command_cluster, kill_worker
 from tests.test_cohort import dask_cluster as dask_cluster  # the shared fixture
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 LOG = "preprocess.log"
 
 
@@ -105,56 +104,28 @@ def test_cli_finishes_good_cases_lists_the_failed_one_and_skips_on_rerun(
     assert "3 case(s) up to date, skipped" in capsys.readouterr().err
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    # a session of its own, so that killing it takes its child processes too
-    with open(log, "wb") as fh:
-        return subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-
-
 @pytest.mark.slow
 def test_dask_scheduler_and_workers_from_the_install_match_sequential_after_a_kill(
     data_root: Path, tmp_path: Path
 ) -> None:
     """The issue's check: `dask scheduler` + two `dask worker --nthreads 1`, BraTS 2013."""
-    if not (VENV_BIN / "dask").exists():
-        pytest.skip(f"no dask command in {VENV_BIN}")
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "MEDSEG_DATA": str(data_root)}
-    port = _port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = str(VENV_BIN / "dask")
-    procs = [_start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                     "--dashboard-address", ":0"], env, tmp_path / "scheduler.log")]  # fmt: skip
-    try:
-        for i in range(2):
-            worker = [dask, "worker", address, "--nthreads", "1", "--dashboard-address", ":0"]
-            procs.append(_start(worker, env, tmp_path / f"w{i}.log"))
+    with dask_command_cluster(tmp_path, env) as (address, workers):
         cli = [sys.executable, "-m", "medseg.cli", "preprocess", "--manifest",
                str(REPO / "data_manifests" / "brats2013.json")]  # fmt: skip
         seq = subprocess.run([*cli, "--out", str(tmp_path / "seq")], env=env, check=False)
         assert seq.returncode == 0
         out = tmp_path / "dask"
         run = subprocess.Popen([*cli, "--out", str(out), "--scheduler", address], env=env)
-        # kill one worker (nanny and worker process) once the first case is in the cache
+        # kill one worker once the first case is in the cache
         while not list(out.glob("cases/*/case.json")) and run.poll() is None:
             time.sleep(0.2)
-        os.killpg(procs[1].pid, signal.SIGKILL)
+        kill_worker(workers[0])
         run.wait()
         rerun = subprocess.run([*cli, "--out", str(out), "--scheduler", address], env=env)
         assert rerun.returncode == 0
         assert tree_digest(out) == tree_digest(tmp_path / "seq")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait()
     shutil.rmtree(tmp_path / "seq")
 
 
