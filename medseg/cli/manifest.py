@@ -17,7 +17,7 @@ manifest_app = typer.Typer(
 app.add_typer(manifest_app, name="manifest")
 
 
-def _write_manifest(obj: dict[str, Any], out: Path, overwrite: bool) -> None:
+def _write_manifest(obj: dict[str, Any], out: Path) -> None:
     from medseg.atomic import write_json
     from medseg.manifest import parse_manifest
 
@@ -64,7 +64,7 @@ def manifest_import_msd(
     from medseg.manifest import import_msd
 
     check_output_file(out, overwrite)
-    _write_manifest(import_msd(dataset_json, val_fraction=val_fraction, name=name), out, overwrite)
+    _write_manifest(import_msd(dataset_json, val_fraction=val_fraction, name=name), out)
 
 
 @manifest_app.command(
@@ -96,7 +96,7 @@ def manifest_import_nnunet(
     from medseg.manifest import import_nnunet
 
     check_output_file(out, overwrite)
-    _write_manifest(import_nnunet(raw_dir, val_fraction=val_fraction, name=name), out, overwrite)
+    _write_manifest(import_nnunet(raw_dir, val_fraction=val_fraction, name=name), out)
 
 
 @manifest_app.command(
@@ -131,7 +131,7 @@ def manifest_import_folders(
     check_output_file(out, overwrite)
     names = [c.strip() for c in channels.split(",")] if channels else None
     obj = import_folders(images, labels, name=name, channels=names, val_fraction=val_fraction)
-    _write_manifest(obj, out, overwrite)
+    _write_manifest(obj, out)
 
 
 @manifest_app.command(
