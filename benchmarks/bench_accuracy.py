@@ -60,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nnunet_baseline import SCRIPT as NNUNET
+from nnunet_baseline import SKIP_MESSAGE, available
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "accuracy.json"
@@ -460,17 +462,6 @@ def run_monai(
 # -- nnU-Net v2 baseline (optional) --------------------------------------------------------------
 #: nnU-Net's three-digit data set ids for the raw folder it plans from.
 NNUNET_IDS = {"isbi2012": 901, "drive": 902, "brats2013": 903}
-NNUNET = REPO / "benchmarks" / "nnunet_baseline.py"
-NNUNET_SKIP = (
-    "skipped: pip install nnunetv2 into an environment of its own (benchmarks/README.md, "
-    "optional: nnU-Net v2 baseline), then --nnunet-python PATH"
-)
-
-
-def nnunet_available(python: str) -> bool:
-    """Whether ``python`` imports ``nnunetv2`` (the optional baseline)."""
-    probe = subprocess.run([python, "-c", "import nnunetv2"], capture_output=True)
-    return probe.returncode == 0
 
 
 def write_nnunet_image(array: np.ndarray, path: Path, dims: int) -> None:
@@ -674,9 +665,9 @@ def bench(args: argparse.Namespace) -> None:
             entry.update(
                 {k: old[k] for k in ("nnunet", "nnunet_per_case", "nnunet_info") if k in old}
             )
-        elif not nnunet_available(args.nnunet_python):
-            print(f"{dataset}: nnU-Net {NNUNET_SKIP}", flush=True)
-            entry["nnunet_info"] = {"skipped": NNUNET_SKIP}
+        elif not available(args.nnunet_python):
+            print(f"{dataset}: nnU-Net {SKIP_MESSAGE}", flush=True)
+            entry["nnunet_info"] = {"skipped": SKIP_MESSAGE}
         else:
             preds, info = run_nnunet(
                 dataset, split, wall, dims, work, args.nnunet_python, args.threads

@@ -41,28 +41,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from nnunet_baseline import SCRIPT as NNUNET
+from nnunet_baseline import SKIP_MESSAGE, available
 from torch import nn
 
 from medseg import heap, runtime
 from medseg.inference import case, cohort, model_folder, tiled
 from medseg.model import UNet, shapes
 
-NNUNET = str(Path(__file__).with_name("nnunet_baseline.py"))
-NNUNET_SKIP = (
-    "skipped: pip install nnunetv2 into an environment of its own (benchmarks/README.md, "
-    "optional: nnU-Net v2 baseline), then --nnunet-python PATH"
-)
-
-
-def nnunet_available(python: str) -> bool:
-    """Whether ``python`` imports ``nnunetv2`` (the optional baseline)."""
-    probe = subprocess.run([python, "-c", "import nnunetv2"], capture_output=True)
-    return probe.returncode == 0
-
 
 def run_nnunet(python: str, *args: str) -> dict[str, Any]:
     """``nnunet_baseline.py ARGS`` in a fresh ``python`` process; its last line as JSON."""
-    run = subprocess.run([python, NNUNET, *args], capture_output=True, text=True)
+    run = subprocess.run([python, str(NNUNET), *args], capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"nnU-Net baseline failed ({run.returncode}):\n{run.stderr[-3000:]}")
     return dict(json.loads(run.stdout.strip().splitlines()[-1]))
@@ -287,7 +277,6 @@ def write_model_folder(folder: str, base: int, classes: int) -> None:
     randomly initialised U-Net (depth 4, so that MONAI's BasicUNet has the same widths) and a
     plan with CT normalisation, RAS orientation, crop to non-zero and the scan's own spacing
     (after reorientation: no resampling)."""
-    from pathlib import Path
 
     from medseg.preprocess.plan import ChannelPlan, Plan
 
@@ -325,7 +314,6 @@ def rss_child(tool: str, work: str, classes: int, base: int, budget: str) -> Non
     window of the plan), ``sliding_window_inference`` (roi 96^3, overlap 0.5, gaussian),
     argmax in slabs (no int64 volume), nibabel save of uint8 labels.
     """
-    from pathlib import Path
 
     mem, threads = budget.split(":")
     torch.set_num_threads(int(threads))
@@ -399,8 +387,8 @@ def rss(a: argparse.Namespace) -> None:
             if a.rss_tools and tool not in a.rss_tools:
                 continue
             if tool == "nnunet":
-                if not nnunet_available(a.nnunet_python):
-                    print(f"nnunet {NNUNET_SKIP}")
+                if not available(a.nnunet_python):
+                    print(f"nnunet {SKIP_MESSAGE}")
                     continue
                 res[tool] = run_nnunet(
                     a.nnunet_python,
@@ -531,8 +519,8 @@ def nnunet_speed(
     keeps the best of each, so that a changing load on a shared machine hits both alike."""
     import tempfile
 
-    if not nnunet_available(a.nnunet_python):
-        print(f"nnU-Net predictor            {NNUNET_SKIP}")
+    if not available(a.nnunet_python):
+        print(f"nnU-Net predictor            {SKIP_MESSAGE}")
         return
     best = {"medseg": t_medseg, "nnunet": float("inf")}
     for _ in range(repeats):

@@ -27,6 +27,23 @@ from typing import Any
 
 import numpy as np
 
+#: This script, which the benchmarks run with the ``--nnunet-python`` interpreter.
+SCRIPT = Path(__file__).resolve()
+#: What a benchmark prints where that interpreter has no ``nnunetv2``.
+SKIP_MESSAGE = (
+    "skipped: pip install nnunetv2 into an environment of its own (benchmarks/README.md, "
+    "optional: nnU-Net v2 baseline), then --nnunet-python PATH"
+)
+
+
+def available(python: str) -> bool:
+    """Whether ``python`` imports ``nnunetv2`` (the optional baseline)."""
+    import subprocess
+
+    probe = subprocess.run([python, "-c", "import nnunetv2"], capture_output=True)
+    return probe.returncode == 0
+
+
 #: nnU-Net's epoch is 250 training + 50 validation iterations, 1000 epochs. A CPU budget of
 #: minutes holds less than one such epoch, so ``BudgetTrainer`` runs epochs of this many
 #: iterations (validation in nnU-Net's 5:1 ratio) and fits the epoch count to the budget.

@@ -177,6 +177,8 @@ def test_isbi_pipeline_uses_the_unet_paper_ingredients() -> None:
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     path = REPO / "benchmarks" / "bench_accuracy.py"
+    if str(path.parent) not in sys.path:  # as when it runs as a script: its sibling modules
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("bench_accuracy", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
