@@ -84,3 +84,16 @@ def pipeline_toml(tmp_path: Path) -> Callable[..., Path]:
         return write_pipeline_toml(tmp_path / "p.toml", **{"name": "s", "prep_dir": prep, **tables})
 
     return make
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``medseg ARGV`` (``medseg.cli.main`` in this process)."""
+    from medseg.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

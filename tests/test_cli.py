@@ -15,22 +15,11 @@ import pytest
 import SimpleITK as sitk
 import typer
 
-from medseg.cli import main
 from medseg.io import write_volume
 from medseg.volume import Volume
+from tests.conftest import run_cli as run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Call ``medseg.cli.main``; return (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _bad_inputs(tmp_path: Path, image_volume: Volume) -> dict[str, Path]:

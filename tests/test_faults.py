@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.cli import main
+from tests.conftest import run_cli as run
 from tests.inference.helpers import make_plan, model_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,16 +195,6 @@ EXISTING = {
 }
 WRITERS = ("convert", "infer", "evaluate", "manifest import-msd", "manifest import-folders")
 WRITERS += ("preprocess", "train", "demo")
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def tree(folder: Path) -> dict[str, str]:

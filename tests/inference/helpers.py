@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 from scipy import ndimage
 from torch import nn
@@ -14,6 +13,7 @@ from torch import nn
 from medseg.inference.model_folder import LoadedModel
 from medseg.model import UNet, shapes
 from medseg.preprocess.plan import ChannelPlan, Plan
+from tests.conftest import run_cli as run_cli  # the shared CLI runner
 
 
 class CentreCrop(nn.Module):
@@ -192,19 +192,6 @@ def model_folder(tmp_path: Path, plan: Plan, seed: int = 0) -> tuple[Path, UNet]
     )
     torch.save(net.state_dict(), folder / "model.pt")
     return folder, net
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of ``medseg ARGS``."""
-    from medseg.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 class Evil:
